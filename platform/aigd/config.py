@@ -1,0 +1,294 @@
+"""Typed, frozen job configs loaded from YAML, validated on load, with `a.b=c` overrides.
+
+Every YAML under configs/ maps 1:1 onto one of the top-level dataclasses at the bottom of this
+file. Unknown keys and wrong types are errors that name the dotted key, so a typo in a config
+fails at submit time instead of silently training with a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not match its dataclass."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # Hub id or local folder. `build_tiny` makes the offline tiny Qwen2.5-VL there if it is missing.
+    name_or_path: str = "Qwen/Qwen2.5-VL-7B-Instruct"
+    revision: Optional[str] = None
+    backend: Literal["auto", "unsloth", "hf"] = "auto"
+    load_in_4bit: bool = True
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    gradient_checkpointing: bool = True
+    build_tiny: bool = False
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 16
+    alpha: int = 16
+    dropout: float = 0.0
+    vision: bool = True
+    language: bool = True
+    attention: bool = True
+    mlp: bool = True
+    seed: int = 3407
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    """How an image becomes pixels for the model: shared by training, evaluation and serving."""
+
+    max_pixels: int = 512 * 512
+    min_pixels: int = 56 * 56
+    prompt: str = "Real/Fake?"
+    prompt_version: str = "v1"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: Literal["sid_parquet", "hf_disk", "image_folder", "hub"] = "sid_parquet"
+    path: str = "saberzl/SID_Set"
+    # dataset label -> class name; names other than real/fake/tampered are errors.
+    label_map: dict[int, str] = field(default_factory=lambda: {0: "real", 1: "fake", 2: "tampered"})
+    tampered: Literal["drop", "fake"] = "drop"
+    min_width: int = 1024
+    min_height: int = 0
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    split_salt: str = "aigd-split-v1"
+    # Hash only the part of img_id before this separator, so related rows share a split.
+    split_group_sep: Optional[str] = None
+    balance: bool = True
+    seed: int = 3407
+    max_image_pixels: int = 40_000_000
+    max_rows: Optional[int] = None
+    preprocess_cpus: float = 1.0
+    preserve_order: bool = False
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    enabled: bool = False
+    hflip_p: float = 0.5
+    color_jitter: tuple[float, float, float, float] = (0.2, 0.2, 0.2, 0.02)
+    crop_size: int = 512
+    crop_scale: tuple[float, float] = (0.4, 1.0)
+    crop_ratio: tuple[float, float] = (0.8, 1.25)
+    jpeg_p: float = 1.0
+    jpeg_quality: tuple[int, int] = (50, 95)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    loss: Literal["ce", "focal"] = "ce"
+    focal_alpha: float = 0.75
+    focal_gamma: float = 2.0
+    lr: float = 1e-4
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    epochs: int = 1
+    batch_size: int = 8
+    grad_accum: int = 5
+    grad_clip: float = 1.0
+    max_steps: Optional[int] = None
+    eval_every: int = 10
+    early_stop_patience: int = 3
+    log_every: int = 10
+    seed: int = 3407
+    fail_at_step: Optional[int] = None  # fault-injection for the restart test; never set in real configs
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    num_workers: int = 1
+    use_gpu: bool = True
+    cpus_per_worker: float = 4.0
+    gpus_per_worker: float = 1.0
+    data_cpus: Optional[float] = None  # CPU budget Ray Data may use for preprocessing
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "method1"
+    storage_path: str = "${AIGD_HOME:-~/.cache/aigd}/runs"
+    export_dir: str = "${AIGD_HOME:-~/.cache/aigd}/adapters/method1"
+    num_to_keep: int = 2
+    max_failures: int = 1
+
+
+@dataclass(frozen=True)
+class TrainJobConfig:
+    method: Literal["method1", "method2"] = "method1"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    image: ImagePolicy = field(default_factory=ImagePolicy)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+@dataclass(frozen=True)
+class DemoDataConfig:
+    out_dir: str = "${AIGD_HOME:-~/.cache/aigd}/demo-data"
+    rows_per_class: int = 800
+    tampered_rows: int = 40
+    small_rows: int = 40
+    corrupt_rows: int = 0
+    shards: int = 4
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------- loading
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand(value: str) -> str:
+    """`${VAR}` / `${VAR:-default}` and `~`: lets one config name absolute paths on any machine."""
+
+    def sub(m: re.Match) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is None:
+            raise ConfigError(f"environment variable {name} is not set and has no default")
+        return default
+
+    return os.path.expanduser(_ENV.sub(sub, value))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, key + ".")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        out = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        kt, vt = args
+        return {_coerce(k, kt, f"{key}.{k}"): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a bool, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an int, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a float, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return expand(value)
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls: type, raw: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(prefix + k for k in unknown)} for {cls.__name__}")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in raw.items()}
+    obj = cls(**kwargs)
+    # defaults pass through the same expansion as given values
+    for f in dataclasses.fields(cls):
+        if f.name not in raw and hints[f.name] is str:
+            object.__setattr__(obj, f.name, expand(getattr(obj, f.name)))
+    return obj
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {p} is not a section")
+    node[leaf] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form a.b=value")
+        key, text = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(text) if text != "" else ""))
+    return out
+
+
+def load(cls: type, path: str | Path | None = None, overrides: list[str] = ()):
+    """Build `cls` from a YAML file (optional) plus dotted overrides; raises ConfigError."""
+    raw: dict = {}
+    if path is not None:
+        text = Path(path).read_text()
+        raw = yaml.safe_load(text) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(raw, key, value)
+    return _build(cls, raw)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, raw: dict):
+    return _build(cls, raw)
+
+
+def replace(cfg, **changes):
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,386 @@
+"""Streamed Ray Data preprocessing: source -> filter -> split -> balance -> decode/augment/JPEG -> processor.
+
+Decisions that need global knowledge (split cut-offs, class counts, the undersampling threshold)
+come from ONE cheap metadata pass over the label/width/height columns; the per-row stages then
+only compare a row's hash against a scalar, so they scale to any dataset size. Every random choice
+is drawn from (seed, epoch, img_id): each epoch redraws crops, flips and JPEG qualities, and a
+fixed seed reproduces them on any machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from aigd.config import AugmentConfig, DataConfig, ImagePolicy
+from aigd.errors import AigdError
+from aigd.images import ImageLimits, decode
+
+log = logging.getLogger(__name__)
+
+CLASS_NAMES = ("real", "fake")
+SPLITS = ("train", "val", "test")
+META_COLUMNS = ["img_id", "width", "height", "label"]
+
+
+class DataError(ValueError):
+    pass
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def unit_hash(keys, salt: str) -> np.ndarray:
+    """Stable uniform [0, 1) per key, identical on every machine and Python version."""
+    out = np.empty(len(keys), dtype=np.float64)
+    prefix = salt.encode() + b"\x00"
+    for i, k in enumerate(keys):
+        h = hashlib.blake2b(prefix + str(k).encode(), digest_size=8).digest()
+        out[i] = int.from_bytes(h, "little") / 2.0**64
+    return out
+
+
+def split_key(img_ids, group_sep: str | None):
+    if group_sep is None:
+        return list(img_ids)
+    return [str(k).split(group_sep, 1)[0] for k in img_ids]
+
+
+# --------------------------------------------------------------------------- labels
+
+
+def class_of(labels: np.ndarray, cfg: DataConfig, ids=None) -> np.ndarray:
+    """Dataset labels -> 0 real / 1 fake / -1 dropped. Unknown labels are an error naming the row."""
+    names = {int(k): v for k, v in cfg.label_map.items()}
+    bad = set(names.values()) - {"real", "fake", "tampered"}
+    if bad:
+        raise DataError(f"label_map names {sorted(bad)}: only real, fake, tampered are known")
+    lut = {k: (0 if v == "real" else 1 if v == "fake" else (1 if cfg.tampered == "fake" else -1))
+           for k, v in names.items()}
+    out = np.empty(len(labels), dtype=np.int64)
+    for i, lab in enumerate(labels):
+        if int(lab) not in lut:
+            where = f"img_id {ids[i]!r}" if ids is not None else f"row {i}"
+            raise DataError(f"{where}: label {lab.item() if hasattr(lab, 'item') else lab!r} is not in the "
+                            f"label map {names}")
+        out[i] = lut[int(lab)]
+    return out
+
+
+def keep_mask(labels, widths, heights, cfg: DataConfig) -> np.ndarray:
+    cls = class_of(np.asarray(labels), cfg)
+    return (cls >= 0) & (np.asarray(widths) >= cfg.min_width) & (np.asarray(heights) >= cfg.min_height)
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _parquet_files(path: str) -> list[str]:
+    p = Path(path)
+    if p.is_file():
+        return [str(p)]
+    files = sorted(str(f) for f in p.rglob("*.parquet"))
+    if not files:
+        raise DataError(f"no parquet shards under {path}")
+    return files
+
+
+def resolve_source(cfg: DataConfig) -> DataConfig:
+    """`hub` becomes a local parquet folder (downloaded once); offline, a clear error says what to do."""
+    import dataclasses
+    import os
+
+    if cfg.source != "hub":
+        if not Path(cfg.path).exists():
+            raise DataError(f"data.path {cfg.path!r} does not exist (source {cfg.source})")
+        return cfg
+    hint = (f"download it where the network allows: `huggingface-cli download {cfg.path} --repo-type dataset "
+            f"--local-dir DIR`, then set data.source=sid_parquet data.path=DIR")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise DataError(f"data.source=hub but HF_HUB_OFFLINE=1: {hint}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(cfg.path, repo_type="dataset", allow_patterns=["*.parquet"])
+    except Exception as e:
+        raise DataError(f"cannot reach the hub for {cfg.path} ({type(e).__name__}): {hint}") from None
+    return dataclasses.replace(cfg, source="sid_parquet", path=local)
+
+
+def _image_folder_table(path: str) -> pa.Table:
+    from PIL import Image
+
+    rows = {"img_id": [], "path": [], "width": [], "height": [], "label": []}
+    for label, sub in ((0, "real"), (1, "fake")):
+        for f in sorted((Path(path) / sub).rglob("*")):
+            if not f.is_file():
+                continue
+            try:
+                with Image.open(f) as im:  # header only
+                    w, h = im.size
+            except Exception:
+                w = h = 0  # unreadable: kept so the decode stage counts it
+            rows["img_id"].append(str(f.relative_to(path)))
+            rows["path"].append(str(f))
+            rows["width"].append(w)
+            rows["height"].append(h)
+            rows["label"].append(label)
+    if not rows["img_id"]:
+        raise DataError(f"image folder {path} has no files under real/ or fake/")
+    return pa.table(rows)
+
+
+def metadata(cfg: DataConfig) -> pa.Table:
+    """img_id/width/height/label for every row, without reading image bytes."""
+    if cfg.source == "sid_parquet":
+        table = pq.ParquetDataset(_parquet_files(cfg.path)).read(columns=META_COLUMNS)
+    elif cfg.source == "hf_disk":
+        table = _hf_disk_table(cfg.path).select(META_COLUMNS)
+    elif cfg.source == "image_folder":
+        table = _image_folder_table(cfg.path).select(META_COLUMNS)
+    else:
+        raise DataError(f"source {cfg.source} must be resolved first")
+    if cfg.max_rows is not None:
+        table = table.slice(0, cfg.max_rows)
+    return table
+
+
+def _hf_disk_table(path: str) -> pa.Table:
+    from datasets import load_from_disk
+
+    ds = load_from_disk(path)
+    if hasattr(ds, "keys"):  # DatasetDict: take train
+        ds = ds["train"]
+    return ds.data.table
+
+
+def read_source(cfg: DataConfig):
+    """Ray Dataset with img_id, image (encoded bytes), width, height, label."""
+    import ray.data
+
+    if cfg.source == "sid_parquet":
+        ds = ray.data.read_parquet(_parquet_files(cfg.path)).select_columns(
+            ["img_id", "image", "width", "height", "label"])
+    elif cfg.source == "hf_disk":
+        ds = ray.data.from_arrow(_hf_disk_table(cfg.path).select(["img_id", "image", "width", "height", "label"]))
+    else:
+        ds = ray.data.from_arrow(_image_folder_table(cfg.path))
+    if cfg.max_rows is not None:
+        ds = ds.limit(cfg.max_rows)
+    return ds
+
+
+def _image_bytes(col) -> list:
+    """SID_Set stores {bytes, path} structs; plain binary and file paths work too."""
+    out = []
+    for v in col:
+        if isinstance(v, dict):
+            data = v.get("bytes")
+            if data is None and v.get("path"):
+                data = Path(v["path"]).read_bytes()
+            out.append(data)
+        else:
+            out.append(v)
+    return out
+
+
+# --------------------------------------------------------------------------- plan (one metadata pass)
+
+
+def assign_split(u: np.ndarray, val_fraction: float, test_fraction: float) -> np.ndarray:
+    """0 train, 1 val, 2 test from a row's (or its group's) unit hash."""
+    out = np.zeros(len(u), dtype=np.int64)
+    out[u < test_fraction + val_fraction] = 1
+    out[u < test_fraction] = 2
+    return out
+
+
+def _split_and_class(cfg: DataConfig, table: pa.Table):
+    labels = table.column("label").to_numpy()
+    cls = class_of(labels, cfg)
+    keep = keep_mask(labels, table.column("width").to_numpy(), table.column("height").to_numpy(), cfg)
+    ids = table.column("img_id").to_pylist()
+    split = assign_split(unit_hash(split_key(ids, cfg.split_group_sep), cfg.split_salt),
+                         cfg.val_fraction, cfg.test_fraction)
+    return ids, cls, keep, split
+
+
+def class_counts(cfg: DataConfig, table: pa.Table) -> dict[str, list[int]]:
+    """split -> [n_real, n_fake] after filtering, before balancing."""
+    _, cls, keep, split = _split_and_class(cfg, table)
+    return {name: [int(((split == s) & keep & (cls == c)).sum()) for c in (0, 1)] for s, name in enumerate(SPLITS)}
+
+
+def balance_cuts(cfg: DataConfig, table: pa.Table, split: str, epoch: int) -> tuple[float, float]:
+    """Hash thresholds so exactly min(n_real, n_fake) rows of each class pass in this epoch."""
+    ids, cls, keep, split_idx = _split_and_class(cfg, table)
+    in_split = keep & (split_idx == SPLITS.index(split))
+    draw = unit_hash(ids, f"{cfg.seed}/{epoch}/balance")
+    n = [int((in_split & (cls == c)).sum()) for c in (0, 1)]
+    target = min(n)
+    cuts = []
+    for c in (0, 1):
+        d = np.sort(draw[in_split & (cls == c)])
+        cuts.append(1.0 if n[c] <= target else float(d[target]) if target > 0 else 0.0)
+    return cuts[0], cuts[1]
+
+
+# --------------------------------------------------------------------------- per-row stages
+
+
+def select_rows(batch: dict, cfg: DataConfig, split: str, cuts: tuple[float, float] | None, epoch: int) -> dict:
+    """Filter + split + undersample on metadata columns only (no decoding)."""
+    labels = np.asarray(batch["label"])
+    ids = list(batch["img_id"])
+    cls = class_of(labels, cfg, ids)
+    keep = keep_mask(labels, batch["width"], batch["height"], cfg)
+    u = unit_hash(split_key(ids, cfg.split_group_sep), cfg.split_salt)
+    keep &= assign_split(u, cfg.val_fraction, cfg.test_fraction) == SPLITS.index(split)
+    if cuts is not None:
+        draw = unit_hash(ids, f"{cfg.seed}/{epoch}/balance")
+        keep &= np.where(cls == 0, draw < cuts[0], draw < cuts[1]) | (cls < 0)
+    out = {k: np.asarray(v)[keep] if not isinstance(v, list) else [x for x, m in zip(v, keep) if m]
+           for k, v in batch.items()}
+    out["label"] = cls[keep]
+    return out
+
+
+def row_rng(seed: int, epoch: int, img_id: str) -> np.random.Generator:
+    h = hashlib.blake2b(f"{seed}/{epoch}/{img_id}".encode(), digest_size=8).digest()
+    return np.random.default_rng(int.from_bytes(h, "little"))
+
+
+def augment(img, aug: AugmentConfig, rng: np.random.Generator):
+    """Method 2: flip, colour jitter, random resized crop, then JPEG re-encode; returns (img, quality)."""
+    import torch
+    import torchvision.transforms.v2 as T
+    from PIL import Image
+
+    torch_gen_seed = int(rng.integers(0, 2**31 - 1))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(torch_gen_seed)
+        tf = T.Compose([
+            T.RandomHorizontalFlip(aug.hflip_p),
+            T.ColorJitter(*aug.color_jitter),
+            T.RandomResizedCrop(aug.crop_size, scale=tuple(aug.crop_scale), ratio=tuple(aug.crop_ratio),
+                                antialias=True),
+        ])
+        img = tf(img)
+    quality = -1
+    if rng.random() < aug.jpeg_p:
+        quality = int(rng.integers(aug.jpeg_quality[0], aug.jpeg_quality[1] + 1))
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=quality)
+        buf.seek(0)
+        img = Image.open(buf)
+        img.load()
+    return img, quality
+
+
+@lru_cache(maxsize=2)
+def cached_processor(path: str):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(path)
+
+
+COUNTER_NAMESPACE = "aigd"
+
+
+def skip_counter(name: str):
+    """A named actor that preprocessing tasks report skipped images to; created by the driver.
+
+    Detached in its own namespace so Ray Data tasks and Train workers (which run under other
+    owners) can reach it; the driver kills it when the run ends.
+    """
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class SkipCounter:
+        def __init__(self):
+            self.counts: dict[str, int] = {}
+
+        def add(self, split: str, n: int) -> None:
+            self.counts[split] = self.counts.get(split, 0) + n
+
+        def get(self) -> dict:
+            return dict(self.counts)
+
+    return SkipCounter.options(name=name, namespace=COUNTER_NAMESPACE, get_if_exists=True,
+                               lifetime="detached").remote()
+
+
+def skipped_counts(name: str) -> dict:
+    import ray
+
+    try:
+        return ray.get(ray.get_actor(name, namespace=COUNTER_NAMESPACE).get.remote())
+    except ValueError:
+        return {}
+
+
+def _report_skipped(counter: str | None, split: str, n: int) -> None:
+    import ray
+
+    if counter is None:
+        return  # ad-hoc use: the warning log still names every skipped row
+    try:
+        ray.get_actor(counter, namespace=COUNTER_NAMESPACE).add.remote(split, n)
+    except ValueError:
+        log.warning("skip counter %s not found; %d skipped rows only logged", counter, n)
+
+
+def preprocess(batch: dict, processor_path: str, policy: ImagePolicy, aug: AugmentConfig | None, seed: int,
+               epoch: int, max_pixels: int, split: str = "train", counter: str | None = None) -> dict:
+    """Decode -> (augment + JPEG | policy resize) -> processor. Corrupt images are dropped and counted."""
+    from aigd.prompt import encode, target_size
+
+    limits = ImageLimits(max_pixels=max_pixels, min_side=1, max_aspect=1e9)
+    images, keep, quality = [], [], []
+    for i, (img_id, data) in enumerate(zip(batch["img_id"], _image_bytes(batch["image"]))):
+        try:
+            if data is None:
+                raise DataError("no image bytes")
+            draft = None if aug else target_size(int(batch["width"][i]), int(batch["height"][i]), policy)
+            img = decode(data, limits, draft_to=draft)
+        except (AigdError, DataError) as e:
+            log.warning("skipping %s: %s", img_id, e)
+            continue
+        q = -1
+        if aug is not None:
+            img, q = augment(img, aug, row_rng(seed, epoch, str(img_id)))
+        images.append(img)
+        keep.append(i)
+        quality.append(q)
+    n_bad = len(batch["img_id"]) - len(keep)
+    if n_bad:
+        _report_skipped(counter, split, n_bad)
+    if not images:
+        return {k: [] for k in ("input_ids", "mm_token_type_ids", "pixel_values", "image_grid_thw", "img_id",
+                                "label", "jpeg_quality")}
+    out = encode(cached_processor(processor_path), images, policy)
+    out["img_id"] = np.asarray([str(batch["img_id"][i]) for i in keep])
+    out["label"] = np.asarray(batch["label"])[keep].astype(np.int64)
+    out["jpeg_quality"] = np.asarray(quality, dtype=np.int64)
+    return out
+
+
+def build_dataset(cfg: DataConfig, split: str, processor_path: str, policy: ImagePolicy,
+                  aug: AugmentConfig | None, epoch: int, cuts: tuple[float, float] | None,
+                  batch_size: int = 32, counter: str | None = None):
+    """The lazy Ray Dataset of one split for one epoch: ready tensors, one row per image."""
+    ds = read_source(cfg)
+    ds = ds.map_batches(select_rows, fn_kwargs=dict(cfg=cfg, split=split, cuts=cuts, epoch=epoch),
+                        batch_format="numpy", batch_size=1024)
+    return ds.map_batches(preprocess, fn_kwargs=dict(
+        processor_path=processor_path, policy=policy, aug=aug if (aug and aug.enabled) else None,
+        seed=cfg.seed, epoch=epoch, max_pixels=cfg.max_image_pixels, split=split,
+        counter=counter),
+        batch_format="numpy", batch_size=batch_size, num_cpus=cfg.preprocess_cpus)

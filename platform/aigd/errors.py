@@ -1,0 +1,83 @@
+"""Error types of the platform, and the one table that maps them to HTTP status codes."""
+
+from __future__ import annotations
+
+
+class AigdError(Exception):
+    """Base class: `code` is a stable machine-readable name, the message is for people."""
+
+    code = "error"
+
+
+class BadRequest(AigdError):
+    code = "bad_request"
+
+
+class BodyTooLarge(AigdError):
+    code = "body_too_large"
+
+
+class UnsupportedMediaType(AigdError):
+    code = "unsupported_media_type"
+
+
+class CorruptImage(AigdError):
+    code = "corrupt_image"
+
+
+class ImageTooLarge(AigdError):
+    code = "image_too_large"
+
+
+class ImageRejected(AigdError):
+    """Decodable, but outside the accepted geometry (too small, extreme aspect ratio)."""
+
+    code = "image_rejected"
+
+
+class UnknownAdapter(AigdError):
+    code = "unknown_adapter"
+
+
+class ManifestMismatch(AigdError):
+    code = "manifest_mismatch"
+
+
+class Overloaded(AigdError):
+    code = "overloaded"
+
+
+class MemberFailed(AigdError):
+    code = "ensemble_member_failed"
+
+
+class BackendUnavailable(AigdError):
+    code = "backend_unavailable"
+
+
+HTTP_STATUS: dict[type, int] = {
+    BadRequest: 400,
+    UnknownAdapter: 404,
+    BodyTooLarge: 413,
+    UnsupportedMediaType: 415,
+    CorruptImage: 422,
+    ImageTooLarge: 422,
+    ImageRejected: 422,
+    Overloaded: 503,
+    MemberFailed: 503,
+    ManifestMismatch: 500,
+    BackendUnavailable: 500,
+}
+
+
+def http_status(exc: BaseException) -> int:
+    for cls in type(exc).__mro__:
+        if cls in HTTP_STATUS:
+            return HTTP_STATUS[cls]
+    return 500
+
+
+def error_body(exc: BaseException) -> dict:
+    if isinstance(exc, AigdError):
+        return {"error": {"code": exc.code, "message": str(exc)}}
+    return {"error": {"code": "internal", "message": "internal error"}}

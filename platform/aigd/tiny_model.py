@@ -1,0 +1,174 @@
+"""Build an offline tiny Qwen2.5-VL: the real architecture, processor and chat template, random weights.
+
+CI machines and laptops cannot download the 7B checkpoint, so every code path (training, serving,
+evaluation) runs end-to-end on this folder instead. It is deterministic for a given seed and needs
+no network: the byte-level BPE tokenizer is trained here on a small corpus that makes "Real" and
+"Fake" single tokens, as they are in Qwen's own vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# Qwen2.5-VL-7B-Instruct's chat template, verbatim.
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Qwen2's pre-tokenizer split pattern.
+QWEN_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+_CORPUS = [
+    "system\nYou are a helpful assistant.",
+    "user\nReal/Fake?",
+    "assistant\nReal",
+    "assistant\nFake",
+    "Real Fake real fake Real/Fake? Is this image real or AI-generated?",
+    "Picture 1: Video 1: The image is a photograph. The image was generated.",
+]
+
+TINY_DIMS = dict(
+    text_hidden=64, text_layers=2, text_heads=4, text_kv_heads=2, text_ffn=128,
+    vision_hidden=64, vision_depth=2, vision_heads=4, vision_ffn=128,
+)
+
+
+def _train_tokenizer(vocab_size: int):
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=[],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 50, trainer=trainer)
+    tok.add_special_tokens(QWEN_SPECIAL_TOKENS)
+    return tok
+
+
+def build_tiny_model(out_dir: str | Path, seed: int = 0, vocab_size: int = 400) -> Path:
+    """Write a complete Hugging Face folder (config, safetensors, tokenizer, processor)."""
+    import torch
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    raw = _train_tokenizer(vocab_size)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens=[t for t in QWEN_SPECIAL_TOKENS if t not in ("<|im_end|>", "<|endoftext|>")],
+        model_max_length=32768,
+        padding_side="right",
+    )
+    for word in ("Real", "Fake"):
+        ids = tokenizer.encode(word, add_special_tokens=False)
+        if len(ids) != 1:
+            raise RuntimeError(f"tiny tokenizer splits {word!r} into {ids}")
+    image_processor = Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=512 * 512)
+    processor = Qwen2_5_VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(),
+        chat_template=CHAT_TEMPLATE,
+    )
+    d = TINY_DIMS
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=d["text_hidden"],
+            intermediate_size=d["text_ffn"],
+            num_hidden_layers=d["text_layers"],
+            num_attention_heads=d["text_heads"],
+            num_key_value_heads=d["text_kv_heads"],
+            max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+        ),
+        vision_config=dict(
+            depth=d["vision_depth"],
+            hidden_size=d["vision_hidden"],
+            intermediate_size=d["vision_ffn"],
+            num_heads=d["vision_heads"],
+            out_hidden_size=d["text_hidden"],
+            fullatt_block_indexes=[d["vision_depth"] - 1],
+            window_size=112,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    (out / "TINY_MODEL.json").write_text(json.dumps({"seed": seed, "dims": d, "note": "random weights"}))
+    return out
+
+
+def ensure_tiny_model(path: str | Path, seed: int = 0) -> Path:
+    """Build the tiny model at `path` unless a complete one is already there."""
+    path = Path(path)
+    if (path / "model.safetensors").exists() and (path / "TINY_MODEL.json").exists():
+        return path
+    return build_tiny_model(path, seed=seed)

@@ -1,0 +1,62 @@
+from pathlib import Path
+
+import pytest
+
+from aigd import config as C
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_unknown_key_is_an_error_naming_it(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("optim:\n  lrr: 0.1\n")
+    with pytest.raises(C.ConfigError, match=r"optim\.lrr"):
+        C.load(C.TrainJobConfig, p)
+
+
+def test_wrong_type_is_an_error_naming_the_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("optim:\n  epochs: two\n")
+    with pytest.raises(C.ConfigError, match=r"optim\.epochs.*int"):
+        C.load(C.TrainJobConfig, p)
+    with pytest.raises(C.ConfigError, match=r"model\.backend"):
+        C.load(C.TrainJobConfig, None, ["model.backend=tensorflow"])
+
+
+def test_dotted_overrides_and_env_expansion(monkeypatch):
+    monkeypatch.setenv("AIGD_HOME", "/data/x")
+    cfg = C.load(C.TrainJobConfig, ROOT / "configs/method2.yaml", ["optim.lr=1e-4", "augment.jpeg_quality=[60, 90]"])
+    assert cfg.optim.lr == 1e-4 and cfg.augment.jpeg_quality == (60, 90)
+    assert cfg.run.export_dir == "/data/x/adapters/method2"
+    with pytest.raises(C.ConfigError, match="a.b=value"):
+        C.load(C.TrainJobConfig, None, ["optim.lr"])
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_names_its_command(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("#")
+    header = "\n".join(l for l in path.read_text().splitlines() if l.startswith("#"))
+    cls = {"demo_data": C.DemoDataConfig}.get(path.stem)
+    if cls is None and path.stem.startswith("serve"):
+        cls = C.ServeConfig
+    if cls is None and path.stem.startswith("eval"):
+        cls = C.EvalConfig
+    cls = cls or C.TrainJobConfig
+    cfg = C.load(cls, path)
+    assert ("jobs/" in header or "serve " in header or "aigd " in header)
+    if cls is C.TrainJobConfig:
+        assert f"jobs/train_{cfg.method}.py" in header
+
+
+def test_seed_hyperparameters_are_the_defaults_of_the_real_configs():
+    m1 = C.load(C.TrainJobConfig, ROOT / "configs/method1.yaml")
+    m2 = C.load(C.TrainJobConfig, ROOT / "configs/method2.yaml")
+    assert (m1.optim.loss, m1.optim.lr, m1.optim.scheduler, m1.optim.epochs) == ("ce", 1e-4, "linear", 1)
+    assert (m2.optim.loss, m2.optim.lr, m2.optim.scheduler, m2.optim.epochs) == ("focal", 5e-5, "cosine", 2)
+    assert (m2.optim.focal_alpha, m2.optim.focal_gamma) == (0.75, 2.0)
+    for m in (m1, m2):
+        assert (m.lora.r, m.lora.alpha, m.lora.dropout) == (16, 16, 0.0)
+        assert m.optim.batch_size * m.optim.grad_accum * m.scaling.num_workers == 40
+        assert m.model.name_or_path == "Qwen/Qwen2.5-VL-7B-Instruct" and m.data.path == "saberzl/SID_Set"
+    assert m2.augment.crop_size == 512 and m2.augment.jpeg_quality == (50, 95)

@@ -1,0 +1,143 @@
+"""The streamed Ray Data pipeline on the small demo set, on a real local Ray."""
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from aigd import data as D
+from aigd.config import AugmentConfig, DataConfig, ImagePolicy
+from aigd.prompt import encode
+
+POLICY = ImagePolicy(max_pixels=140 * 140, min_pixels=56 * 56)
+AUG = AugmentConfig(enabled=True, crop_size=112, crop_scale=(0.5, 1.0), jpeg_p=1.0, jpeg_quality=(50, 95))
+
+
+@pytest.fixture(scope="module")
+def cfg(demo_data):
+    return DataConfig(source="sid_parquet", path=str(demo_data), min_width=112, split_group_sep="/",
+                      preprocess_cpus=0.5, preserve_order=True)
+
+
+@pytest.fixture(scope="module")
+def table(demo_data):
+    return pq.ParquetDataset(sorted(str(p) for p in (demo_data / "data").glob("*.parquet"))).read()
+
+
+def _expected_counts(table, cfg):
+    """Independent recount in plain Python."""
+    labels, widths = table.column("label").to_pylist(), table.column("width").to_pylist()
+    ids = table.column("img_id").to_pylist()
+    u = D.unit_hash([i.split("/")[0] for i in ids], cfg.split_salt)
+    out = {s: [0, 0] for s in D.SPLITS}
+    for lab, w, x in zip(labels, widths, u):
+        if lab == 2 or w < cfg.min_width:
+            continue
+        split = "test" if x < cfg.test_fraction else "val" if x < cfg.test_fraction + cfg.val_fraction else "train"
+        out[split][lab] += 1
+    return out
+
+
+def test_filter_and_split_counts_are_exact(cfg, table):
+    counts = D.class_counts(cfg, D.metadata(cfg))
+    assert counts == _expected_counts(table, cfg)
+    assert sum(map(sum, counts.values())) == 2 * (120 + 1)  # 120 + 1 corrupt per class; small + tampered dropped
+
+
+def test_tampered_can_count_as_fake(cfg):
+    import dataclasses
+
+    counts = D.class_counts(dataclasses.replace(cfg, tampered="fake"), D.metadata(cfg))
+    base = D.class_counts(cfg, D.metadata(cfg))
+    assert sum(c[1] for c in counts.values()) == sum(c[1] for c in base.values()) + 10
+
+
+def test_split_is_stable_and_disjoint(cfg, table):
+    ids = table.column("img_id").to_pylist()
+    keys = D.split_key(ids, "/")
+    a = D.assign_split(D.unit_hash(keys, cfg.split_salt), cfg.val_fraction, cfg.test_fraction)
+    b = D.assign_split(D.unit_hash(list(reversed(keys)), cfg.split_salt), cfg.val_fraction, cfg.test_fraction)
+    assert (a == b[::-1]).all()  # depends on the key only, not on order or process
+    groups = {s: {k for k, x in zip(keys, a) if x == s} for s in range(3)}
+    assert not (groups[0] & groups[1]) and not (groups[0] & groups[2]) and not (groups[1] & groups[2])
+    assert D.unit_hash(["astronaut"], "aigd-split-v1")[0] == D.unit_hash(["astronaut"], "aigd-split-v1")[0]
+
+
+def test_label_outside_the_map_is_an_error_naming_the_row(cfg):
+    with pytest.raises(D.DataError, match="row 1: label 7 "):
+        D.class_of(np.array([0, 7]), cfg)
+
+
+def test_balance_is_exact_and_redrawn_per_epoch(cfg, table, ray_local):
+    counts = D.class_counts(cfg, D.metadata(cfg))
+    n = min(counts["train"])
+    picked = []
+    for epoch in (0, 1):
+        cuts = D.balance_cuts(cfg, D.metadata(cfg), "train", epoch)
+        ds = D.read_source(cfg).map_batches(D.select_rows, fn_kwargs=dict(cfg=cfg, split="train", cuts=cuts,
+                                                                           epoch=epoch), batch_format="numpy")
+        rows = ds.select_columns(["img_id", "label"]).take_all()
+        labels = [r["label"] for r in rows]
+        assert labels.count(0) == n and labels.count(1) == n
+        picked.append({r["img_id"] for r in rows})
+    if counts["train"][0] != counts["train"][1]:
+        assert picked[0] != picked[1]
+
+
+def _run(cfg, processor_path, epoch, aug):
+    ds = D.build_dataset(cfg, "train", processor_path, POLICY, aug, epoch, None, batch_size=16)
+    return {r["img_id"]: r for r in ds.take_all()}
+
+
+def test_augmentation_redrawn_each_epoch_reproduced_by_seed(cfg, tiny_model, ray_local):
+    e0, e0_again, e1 = (_run(cfg, str(tiny_model), e, AUG) for e in (0, 0, 1))
+    ids = sorted(set(e0) & set(e1))
+    q0 = np.array([e0[i]["jpeg_quality"] for i in ids])
+    q1 = np.array([e1[i]["jpeg_quality"] for i in ids])
+    assert ((q0 >= 50) & (q0 <= 95)).all() and ((q1 >= 50) & (q1 <= 95)).all()
+    assert (q0 != q1).mean() > 0.8
+    assert sum(not np.array_equal(e0[i]["pixel_values"], e1[i]["pixel_values"]) for i in ids) > 0.9 * len(ids)
+    for i in ids:  # same seed and epoch: identical crops, flips and qualities
+        assert e0[i]["jpeg_quality"] == e0_again[i]["jpeg_quality"]
+        np.testing.assert_array_equal(e0[i]["pixel_values"], e0_again[i]["pixel_values"])
+
+
+def test_corrupt_rows_are_skipped_and_counted(cfg, tiny_model, table, ray_local):
+    import ray
+
+    counter = "skipped-test"
+    D.skip_counter(counter)
+    ds = D.build_dataset(cfg, "train", str(tiny_model), POLICY, None, 0, None, counter=counter)
+    rows = ds.select_columns(["img_id"]).take_all()
+    counts = D.class_counts(cfg, D.metadata(cfg))
+    skipped = D.skipped_counts(counter)
+    ray.kill(ray.get_actor(counter, namespace=D.COUNTER_NAMESPACE))
+    from aigd.images import decode
+
+    corrupt = []
+    for r in table.to_pylist():
+        try:
+            decode(r["image"]["bytes"])
+        except Exception:
+            corrupt.append(r["img_id"])
+    assert len(corrupt) == 2  # the demo writes two truncated JPEGs
+    split = D.assign_split(D.unit_hash(D.split_key(corrupt, "/"), cfg.split_salt), cfg.val_fraction,
+                           cfg.test_fraction)
+    corrupt_in_train = int((split == 0).sum())
+    assert skipped.get("train", 0) == corrupt_in_train
+    assert len(rows) + corrupt_in_train == sum(counts["train"])
+    assert not set(corrupt) & {r["img_id"] for r in rows}
+
+
+def test_batches_match_the_processor_for_the_same_image(cfg, tiny_model, processor, table, ray_local):
+    from aigd.images import decode
+
+    out = _run(cfg, str(tiny_model), 0, None)
+    by_id = {r["img_id"]: r for r in table.to_pylist()}
+    for img_id in sorted(out)[:5]:
+        want = encode(processor, [decode(by_id[img_id]["image"]["bytes"])], POLICY)
+        got = out[img_id]
+        np.testing.assert_array_equal(got["input_ids"], want["input_ids"][0])
+        np.testing.assert_array_equal(got["mm_token_type_ids"], want["mm_token_type_ids"][0])
+        np.testing.assert_array_equal(got["image_grid_thw"], want["image_grid_thw"][0])
+        np.testing.assert_allclose(got["pixel_values"], want["pixel_values"][0], atol=1e-6)
+        assert got["label"] == by_id[img_id]["label"]

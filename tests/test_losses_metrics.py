@@ -1,0 +1,65 @@
+import math
+
+import numpy as np
+import torch
+
+from aigd import metrics as M
+from aigd.losses import answer_cross_entropy, binary_focal
+
+
+def test_focal_matches_hand_computation():
+    pair = torch.tensor([[0.0, 1.0], [2.0, 0.5]])
+    labels = torch.tensor([1, 0])
+    p_fake_0 = 1 / (1 + math.exp(-1.0))  # row 0 is fake, p_t = P(fake)
+    p_real_1 = 1 / (1 + math.exp(-1.5))  # row 1 is real, p_t = P(real)
+    fl0 = -0.75 * (1 - p_fake_0) ** 2 * math.log(p_fake_0)
+    fl1 = -0.25 * (1 - p_real_1) ** 2 * math.log(p_real_1)
+    assert abs(binary_focal(pair, labels, 0.75, 2.0).item() - (fl0 + fl1) / 2) < 1e-6
+    # gamma 0 and alpha 0.5 is half the two-way cross-entropy
+    ce = torch.nn.functional.cross_entropy(pair, labels).item()
+    assert abs(binary_focal(pair, labels, 0.5, 0.0).item() - ce / 2) < 1e-6
+
+
+def test_answer_cross_entropy_uses_full_vocabulary_at_the_label_token():
+    logits = torch.tensor([[1.0, 2.0, 0.5, -1.0], [0.0, 0.0, 3.0, 1.0]])
+    ids = (2, 3)  # Real -> token 2, Fake -> token 3
+    labels = torch.tensor([0, 1])
+    lse = [math.log(sum(math.exp(v) for v in row)) for row in logits.tolist()]
+    want = ((lse[0] - 0.5) + (lse[1] - 1.0)) / 2
+    assert abs(answer_cross_entropy(logits, labels, ids).item() - want) < 1e-6
+
+
+def test_auc_ap_and_confusion_on_hand_made_predictions():
+    y = np.array([0, 0, 1, 1])
+    p = np.array([0.1, 0.4, 0.35, 0.8])
+    assert M.roc_auc(y, p) == 0.75
+    assert M.roc_auc(y, np.array([0.5, 0.5, 0.5, 0.5])) == 0.5
+    assert abs(M.average_precision(y, p) - (1 + 2 / 3) / 2) < 1e-9
+    m = M.binary_metrics(y, p)
+    assert m["confusion"] == {"tn": 2, "fp": 0, "fn": 1, "tp": 1} and m["accuracy"] == 0.75
+    assert abs(m["f1"] - 2 / 3) < 1e-9
+
+
+def test_ece_and_brier():
+    y = np.array([1, 0, 1, 0])
+    p = np.array([0.9, 0.9, 0.1, 0.1])
+    assert abs(M.ece(y, p) - 0.4) < 1e-9  # two bins, each |0.9-0.5| and |0.1-0.5|
+    assert abs(M.brier(y, p) - (0.01 + 0.81 + 0.81 + 0.01) / 4) < 1e-9
+
+
+def test_bootstrap_interval_covers_point_estimate():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    p = np.clip(y * 0.3 + rng.random(300) * 0.7, 0, 1)
+    lo, hi = M.bootstrap_ci(y, p, "roc_auc", n_boot=100)
+    assert lo <= M.roc_auc(y, p) <= hi and hi - lo < 0.2
+
+
+def test_temperature_fit_lowers_ece_of_overconfident_scores():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 2000)
+    d = (2 * y - 1) * 1.0 + rng.normal(0, 1.5, 2000)  # true logit difference
+    z = np.stack([np.zeros_like(d), 6 * d], axis=1)  # six times over-confident
+    t = M.fit_temperature(z, y)
+    assert 4 < t < 8
+    assert M.ece(y, M.sigmoid_p(z, t)) < M.ece(y, M.sigmoid_p(z)) / 2

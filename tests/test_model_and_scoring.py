@@ -1,0 +1,99 @@
+"""Tiny model loads offline through the Auto classes; scoring is one forward over two label logits."""
+
+import numpy as np
+import torch
+from PIL import Image
+
+from aigd import prompt, scoring
+from aigd.config import ImagePolicy, LoraConfig, ModelConfig
+
+POLICY = ImagePolicy(max_pixels=140 * 140, min_pixels=56 * 56)
+
+
+def _images(seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in ((112, 112), (168, 112), (112, 140))]
+
+
+def test_tiny_model_loads_offline_with_auto_classes(tiny_model, monkeypatch):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model)
+    proc = AutoProcessor.from_pretrained(tiny_model)
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert type(proc).__name__ == "Qwen2_5_VLProcessor"
+    assert "<|vision_start|><|image_pad|><|vision_end|>Real/Fake?" in prompt.prompt_text(proc, POLICY)
+
+
+def test_real_and_fake_are_single_tokens(processor):
+    real, fake = prompt.label_token_ids(processor.tokenizer)
+    assert real != fake
+    assert processor.tokenizer.decode([real]) == "Real" and processor.tokenizer.decode([fake]) == "Fake"
+
+
+def test_score_equals_hand_computation_on_logits(tiny_model, processor):
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model).eval()
+    ids = prompt.label_token_ids(processor.tokenizer)
+    img = _images()[0]
+    batch = prompt.collate(prompt.encode(processor, [img], POLICY), processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        full = model(**{k: batch[k] for k in scoring.MODEL_INPUTS}).logits[0, -1]
+    z_real, z_fake = full[ids[0]].item(), full[ids[1]].item()
+    by_hand = np.exp(z_fake) / (np.exp(z_real) + np.exp(z_fake))
+    assert abs(scoring.score_batch(model, batch, ids)[0].item() - by_hand) < 1e-6
+    t = 2.5
+    by_hand_t = 1 / (1 + np.exp(-(z_fake - z_real) / t))
+    assert abs(scoring.score_batch(model, batch, ids, temperature=t)[0].item() - by_hand_t) < 1e-6
+
+
+def test_left_padded_batch_scores_like_single_images(tiny_model, processor):
+    from aigd.model import load_for_training
+
+    model, proc, _ = load_for_training(ModelConfig(name_or_path=str(tiny_model), load_in_4bit=False,
+                                                   gradient_checkpointing=False), LoraConfig(), torch.device("cpu"))
+    with torch.no_grad():  # make LoRA non-trivial so the adapter path is exercised too
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    model.eval()
+    ids = prompt.label_token_ids(proc.tokenizer)
+    imgs = _images(1)
+    rows = prompt.encode(proc, imgs, POLICY)
+    batched = scoring.score_batch(model, prompt.collate(rows, proc.tokenizer.pad_token_id), ids)
+    single = [scoring.score_batch(model, prompt.collate({k: [v[i]] for k, v in rows.items()},
+                                                        proc.tokenizer.pad_token_id), ids)[0] for i in range(3)]
+    assert len({len(x) for x in rows["input_ids"]}) > 1, "test needs prompts of different lengths"
+    assert torch.allclose(batched, torch.stack(single), atol=1e-5)
+
+
+def test_prompt_builder_is_the_one_training_and_serving_use():
+    import aigd.cli
+    import aigd.data
+
+    # the data pipeline (training, evaluation) and the CLI scorer encode through aigd.prompt.encode
+    src = open(aigd.data.__file__).read()
+    assert "from aigd.prompt import encode" in src
+    assert aigd.cli._score.__code__.co_names.count("encode") or "encode" in open(aigd.cli.__file__).read()
+
+
+def test_image_policy_keeps_aspect_on_the_28px_grid():
+    assert prompt.target_size(1024, 768, ImagePolicy(max_pixels=512 * 512)) == (588, 420)
+    w, h = prompt.target_size(1024, 1024, ImagePolicy(max_pixels=512 * 512))
+    assert w == h and w % 28 == 0 and w * h <= 512 * 512
+    assert prompt.target_size(112, 140, POLICY) == (112, 140)  # on-grid, in budget: untouched
+
+
+def test_unavailable_backend_says_what_is_missing():
+    import pytest
+
+    from aigd.errors import BackendUnavailable
+    from aigd.model import resolve_backend
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only check")
+    with pytest.raises(BackendUnavailable, match="CUDA"):
+        resolve_backend(ModelConfig(backend="unsloth"))
+    assert resolve_backend(ModelConfig(backend="auto")) == "hf"

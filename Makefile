@@ -17,6 +17,8 @@ export RAY_AUTH_MODE ?= disabled
 export RAY_DEDUP_LOGS := 0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# `ray start` hands its PATH to job drivers: their `python` must be this venv's.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: setup demo demo-data tiny-model cluster train-demo score-demo test stop clean
 

@@ -1,0 +1,81 @@
+"""Safe decoding: content sniffing, header-only pixel cap, EXIF orientation, every mode to RGB."""
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from aigd.errors import CorruptImage, ImageRejected, ImageTooLarge, UnsupportedMediaType, http_status
+from aigd.images import ImageLimits, decode
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png_header_only(w: int, h: int) -> bytes:
+    """A PNG that declares w x h pixels but carries almost no pixel data."""
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+            + _chunk(b"IEND", b""))
+
+
+def _bytes(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_declared_30000_squared_png_is_refused_from_the_header():
+    data = _png_header_only(30000, 30000)
+    assert len(data) < 300
+    with pytest.raises(ImageTooLarge) as e:
+        decode(data)
+    assert http_status(e.value) == 422
+
+
+def test_random_bytes_and_truncated_jpeg():
+    with pytest.raises(UnsupportedMediaType) as e:
+        decode(np.random.default_rng(0).bytes(500))
+    assert http_status(e.value) == 415
+    jpeg = _bytes(Image.new("RGB", (64, 64), (10, 200, 30)), "JPEG")
+    with pytest.raises(CorruptImage):
+        decode(jpeg[: len(jpeg) // 2])
+
+
+def test_geometry_limits():
+    with pytest.raises(ImageRejected, match="minimum side"):
+        decode(_bytes(Image.new("RGB", (10, 64)), "PNG"))
+    with pytest.raises(ImageRejected, match="aspect"):
+        decode(_bytes(Image.new("RGB", (3000, 30)), "PNG"), ImageLimits(max_aspect=50))
+
+
+def test_modes_are_converted_correctly():
+    rgba = Image.new("RGBA", (32, 32), (255, 0, 0, 0))  # fully transparent red -> white
+    assert decode(_bytes(rgba, "PNG")).getpixel((0, 0)) == (255, 255, 255)
+    g16 = Image.fromarray(np.full((32, 32), 32768, dtype=np.uint16))  # half scale, must not clamp to 255
+    assert abs(decode(_bytes(g16, "PNG")).getpixel((0, 0))[0] - 128) <= 1
+    cmyk = Image.new("CMYK", (32, 32), (0, 255, 255, 0))  # red
+    r, g, b = decode(_bytes(cmyk, "JPEG")).getpixel((16, 16))
+    assert r > 200 and g < 60 and b < 60
+    pal = Image.new("P", (32, 32), 0)
+    assert decode(_bytes(pal, "GIF")).mode == "RGB"
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (64, 32), (0, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    out = decode(_bytes(img, "JPEG", exif=exif.tobytes()))
+    assert out.size == (32, 64)
+
+
+def test_animated_gif_gives_first_frame():
+    frames = [Image.new("P", (32, 32), i) for i in (1, 2)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    out = decode(buf.getvalue())
+    assert out.size == (32, 32) and out.mode == "RGB"

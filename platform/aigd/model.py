@@ -140,12 +140,3 @@ def add_lora(model, lora: LoraConfig, backend: str):
 def load_for_training(cfg: ModelConfig, lora: LoraConfig, device: torch.device):
     model, processor, backend = load_base(cfg, device, training=True)
     return add_lora(model, lora, backend), processor, backend
-
-
-def lora_state(model) -> dict[str, torch.Tensor]:
-    """Trainable (LoRA) tensors by name, detached on CPU."""
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def base_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if not p.requires_grad}

@@ -64,7 +64,7 @@ def prepare_image(img: Image.Image, policy: ImagePolicy) -> Image.Image:
 
 
 @lru_cache(maxsize=8)
-def _cached_prompt(processor_id: int, processor, policy: ImagePolicy) -> str:
+def _cached_prompt(processor, policy: ImagePolicy) -> str:
     return prompt_text(processor, policy)
 
 
@@ -76,7 +76,7 @@ def encode(processor, images: list[Image.Image], policy: ImagePolicy) -> dict:
     """
     import numpy as np
 
-    text = _cached_prompt(id(processor), processor, policy)
+    text = _cached_prompt(processor, policy)
     prepared = [prepare_image(im, policy) for im in images]
     enc = processor(text=[text] * len(prepared), images=prepared, return_tensors="np", padding=False)
     grid = np.asarray(enc["image_grid_thw"])

@@ -40,7 +40,7 @@ def train_loop_per_worker(config: dict) -> None:
     # ---- model
     model, processor, _ = load_for_training(cfg.model, cfg.lora, device)
     label_ids = label_token_ids(processor.tokenizer)
-    to_batch = Collate(processor.tokenizer.pad_token_id)
+    to_batch = Collate.of(processor)
     total_steps = config["steps_per_epoch"] * o.epochs if o.max_steps is None else o.max_steps
     opt, sched = T.make_optimizer(model, o, total_steps)
 

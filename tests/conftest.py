@@ -14,7 +14,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-for sub in ("jobs", "serve"):
+for sub in ("", "jobs"):
     if str(ROOT / sub) not in sys.path:
         sys.path.insert(0, str(ROOT / sub))
 
@@ -48,7 +48,7 @@ def ray_local():
     import ray
 
     # Train workers unpickle the recipes' loop functions by module name (jobs/train_method*.py).
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "jobs"), os.environ.get("PYTHONPATH", "")])
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "jobs"), os.environ.get("PYTHONPATH", "")])
     ray.init(address="local", num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False,
              log_to_driver=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -61,3 +61,42 @@ def processor(tiny_model):
     from transformers import AutoProcessor
 
     return AutoProcessor.from_pretrained(tiny_model)
+
+
+SERVE_POLICY = dict(max_pixels=140 * 140, min_pixels=56 * 56, prompt="Real/Fake?", prompt_version="v1")
+
+
+def make_adapter(tiny_model: Path, out: Path, seed: int, temperature: float, method: str, **policy_changes) -> Path:
+    """A real exported adapter folder (peft safetensors + manifest) with random, non-zero LoRA weights."""
+    import torch
+
+    from aigd.config import ImagePolicy, LoraConfig, ModelConfig
+    from aigd.manifest import base_fingerprint, policy_dict, write_adapter
+    from aigd.model import load_for_training
+
+    model, _, _ = load_for_training(ModelConfig(name_or_path=str(tiny_model), load_in_4bit=False,
+                                                gradient_checkpointing=False), LoraConfig(seed=seed),
+                                    torch.device("cpu"))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    raw = out.parent / f"{out.name}-peft"
+    model.save_pretrained(raw)
+    manifest = {"method": method, "base_model": str(tiny_model), "base_fingerprint": base_fingerprint(model.config),
+                "image_policy": policy_dict(ImagePolicy(**{**SERVE_POLICY, **policy_changes})),
+                "calibration": {"temperature": temperature, "threshold": 0.5}}
+    return write_adapter(raw, out, manifest)
+
+
+@pytest.fixture(scope="session")
+def adapters(tiny_model, home) -> dict[str, Path]:
+    root = home / "test-adapters"
+    return {
+        "method1": make_adapter(tiny_model, root / "method1", seed=1, temperature=1.5, method="method1"),
+        "method2": make_adapter(tiny_model, root / "method2", seed=2, temperature=0.8, method="method2"),
+        # exported for a different pixel budget: serving must refuse it
+        "mismatched": make_adapter(tiny_model, root / "mismatched", seed=3, temperature=1.0, method="method2",
+                                   max_pixels=112 * 112),
+    }

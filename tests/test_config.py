@@ -37,9 +37,11 @@ def test_every_shipped_config_loads_and_names_its_command(path):
     first = path.read_text().splitlines()[0]
     assert first.startswith("#")
     header = "\n".join(l for l in path.read_text().splitlines() if l.startswith("#"))
+    if path.stem.startswith("serve"):
+        _check_serve_config(path)
+        assert "serve " in header
+        return
     cls = {"demo_data": C.DemoDataConfig}.get(path.stem)
-    if cls is None and path.stem.startswith("serve"):
-        cls = C.ServeConfig
     if cls is None and path.stem.startswith("eval"):
         cls = C.EvalConfig
     cls = cls or C.TrainJobConfig
@@ -47,6 +49,19 @@ def test_every_shipped_config_loads_and_names_its_command(path):
     assert ("jobs/" in header or "serve " in header or "aigd " in header)
     if cls is C.TrainJobConfig:
         assert f"jobs/train_{cfg.method}.py" in header
+
+
+def _check_serve_config(path):
+    """A Serve config file whose application args are a valid ServeConfig."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load(path.read_text())
+    ServeDeploySchema.model_validate(raw)
+    for app in raw["applications"]:
+        assert app["import_path"] == "serve.app:build_app"
+        cfg = C.from_dict(C.ServeConfig, app["args"])
+        assert set(cfg.adapters) == {"method1", "method2"}
 
 
 def test_seed_hyperparameters_are_the_defaults_of_the_real_configs():

@@ -38,9 +38,11 @@ def test_score_equals_hand_computation_on_logits(tiny_model, processor):
     model = AutoModelForImageTextToText.from_pretrained(tiny_model).eval()
     ids = prompt.label_token_ids(processor.tokenizer)
     img = _images()[0]
-    batch = prompt.collate(prompt.encode(processor, [img], POLICY), processor.tokenizer.pad_token_id)
+    batch = prompt.model_batch(processor, [img], POLICY)
     with torch.no_grad():
-        full = model(**{k: batch[k] for k in scoring.MODEL_INPUTS}).logits[0, -1]
+        inputs = {k: batch[k] for k in scoring.MODEL_INPUTS}
+        inputs["pixel_values"] = prompt.normalize_pixels(batch["pixel_values"], batch["pixel_affine"])
+        full = model(**inputs).logits[0, -1]
     z_real, z_fake = full[ids[0]].item(), full[ids[1]].item()
     by_hand = np.exp(z_fake) / (np.exp(z_real) + np.exp(z_fake))
     assert abs(scoring.score_batch(model, batch, ids)[0].item() - by_hand) < 1e-6
@@ -62,9 +64,9 @@ def test_left_padded_batch_scores_like_single_images(tiny_model, processor):
     ids = prompt.label_token_ids(proc.tokenizer)
     imgs = _images(1)
     rows = prompt.encode(proc, imgs, POLICY)
-    batched = scoring.score_batch(model, prompt.collate(rows, proc.tokenizer.pad_token_id), ids)
-    single = [scoring.score_batch(model, prompt.collate({k: [v[i]] for k, v in rows.items()},
-                                                        proc.tokenizer.pad_token_id), ids)[0] for i in range(3)]
+    to_batch = prompt.Collate.of(proc)
+    batched = scoring.score_batch(model, to_batch(rows), ids)
+    single = [scoring.score_batch(model, to_batch({k: [v[i]] for k, v in rows.items()}), ids)[0] for i in range(3)]
     assert len({len(x) for x in rows["input_ids"]}) > 1, "test needs prompts of different lengths"
     assert torch.allclose(batched, torch.stack(single), atol=1e-5)
 
@@ -76,7 +78,20 @@ def test_prompt_builder_is_the_one_training_and_serving_use():
     # the data pipeline (training, evaluation) and the CLI scorer encode through aigd.prompt.encode
     src = open(aigd.data.__file__).read()
     assert "from aigd.prompt import encode" in src
-    assert "from aigd.prompt import collate, encode, label_token_ids" in open(aigd.cli.__file__).read()
+    assert "from aigd.prompt import label_token_ids, model_batch" in open(aigd.cli.__file__).read()
+
+
+def test_uint8_patches_normalised_at_the_model_equal_the_processors_floats(processor):
+    imgs = [prompt.prepare_image(im, POLICY) for im in _images(1)]
+    text = prompt.prompt_text(processor, POLICY)
+    want = processor(text=[text] * len(imgs), images=imgs, return_tensors="pt", padding=True,
+                     padding_side="left")
+    got = prompt.model_batch(processor, imgs, POLICY)
+    assert got["pixel_values"].dtype == torch.uint8
+    pixels = prompt.normalize_pixels(got["pixel_values"], got["pixel_affine"])
+    torch.testing.assert_close(pixels, want["pixel_values"].float(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(got["input_ids"], want["input_ids"])
+    torch.testing.assert_close(got["attention_mask"], want["attention_mask"])
 
 
 def test_image_policy_keeps_aspect_on_the_28px_grid():

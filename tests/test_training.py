@@ -11,7 +11,7 @@ from aigd import train as T
 from aigd.config import ImagePolicy, LoraConfig, ModelConfig, OptimConfig
 from aigd.losses import binary_focal
 from aigd.model import load_for_training
-from aigd.prompt import collate, encode, label_token_ids
+from aigd.prompt import Collate, encode, label_token_ids
 from aigd.scoring import answer_logits, pair_logits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ def test_lora_weights_change_and_base_weights_stay_bit_identical(tiny_model):
     imgs = [Image.fromarray(rng.integers(0, 255, (112, 112, 3), dtype=np.uint8)) for _ in range(4)]
     rows = encode(proc, imgs, ImagePolicy(max_pixels=112 * 112))
     rows["label"] = [0, 1, 0, 1]
-    batch = collate(rows, proc.tokenizer.pad_token_id)
+    batch = Collate.of(proc)(rows)
     opt, sched = T.make_optimizer(model, OptimConfig(lr=1e-3, warmup_ratio=0.0), 10)
     ids = label_token_ids(proc.tokenizer)
     for _ in range(3):

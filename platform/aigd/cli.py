@@ -32,7 +32,7 @@ def _score(args) -> None:
     from aigd.images import decode
     from aigd.manifest import read_manifest
     from aigd.model import load_base
-    from aigd.prompt import collate, encode, label_token_ids
+    from aigd.prompt import label_token_ids, model_batch
     from aigd.scoring import score_batch
 
     model_cfg = C.ModelConfig(name_or_path=args.model, load_in_4bit=False, build_tiny=args.build_tiny)
@@ -52,7 +52,7 @@ def _score(args) -> None:
         except Exception as e:
             print(json.dumps({"image": path, "error": str(e)}))
             continue
-        batch = collate(encode(processor, [img], policy), processor.tokenizer.pad_token_id)
+        batch = model_batch(processor, [img], policy)
         p = float(score_batch(model, batch, label_ids, temperature)[0])
         print(json.dumps({"image": path, "label": "fake" if p >= 0.5 else "real", "p_fake": round(p, 4)}))
 

@@ -80,6 +80,9 @@ class DataConfig:
     max_rows: Optional[int] = None
     preprocess_cpus: float = 1.0
     preserve_order: bool = False
+    # Cap on Ray Data's object-store buffering between stages (None: Ray's default, a share of the
+    # node's object store). Preprocessed patches are ~1.5 MB per 512-px image.
+    object_store_budget_mb: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,69 @@ class TrainJobConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+
+@dataclass(frozen=True)
+class AutoscalingConfig:
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 4.0
+
+
+@dataclass(frozen=True)
+class DetectorDeploymentConfig:
+    """The replica that holds ONE base model with every adapter."""
+
+    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    max_batch_size: int = 8  # images per forward; 1 turns batching off
+    batch_wait_timeout_s: float = 0.01
+    max_ongoing_requests: int = 16
+    max_queued_requests: int = 64  # beyond this, callers get 503 + Retry-After at once
+    on_adapter_error: Literal["fail", "skip"] = "fail"  # skip: start without it, report it in /readyz
+
+
+@dataclass(frozen=True)
+class RouterDeploymentConfig:
+    autoscaling: AutoscalingConfig = field(default_factory=lambda: AutoscalingConfig(1, 2, 8.0))
+    num_cpus: float = 0.1
+    # Requests one router replica works on; the next ones get a JSON 503 + Retry-After at once.
+    max_in_flight: int = 64
+    # Serve's own limits sit above ours, as a last resort (Serve answers those with a plain-text 503).
+    max_ongoing_requests: int = 256
+    max_queued_requests: int = 256
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    members: list[str] = field(default_factory=list)  # empty: every configured adapter
+    weights: dict[str, float] = field(default_factory=dict)  # missing names weigh 1
+    threshold: float = 0.5
+    # A member that is not loaded or fails: answer 503, or answer from the others with degraded=true.
+    on_member_failure: Literal["fail", "degrade"] = "fail"
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    max_body_mb: float = 20.0
+    max_pixels: int = 40_000_000  # checked on the header, below Pillow's own bomb guard
+    min_side: int = 28
+    max_aspect: float = 50.0  # Qwen's processor raises above 200
+    max_batch_images: int = 16
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    image: ImagePolicy = field(default_factory=ImagePolicy)
+    adapters: dict[str, str] = field(default_factory=dict)  # name -> exported adapter folder
+    thresholds: dict[str, float] = field(default_factory=dict)  # name -> decision threshold (default: manifest)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    limits: InputLimits = field(default_factory=InputLimits)
+    detector: DetectorDeploymentConfig = field(default_factory=DetectorDeploymentConfig)
+    router: RouterDeploymentConfig = field(default_factory=RouterDeploymentConfig)
+    retry_after_s: int = 1
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,12 @@ class UnknownAdapter(AigdError):
     code = "unknown_adapter"
 
 
+class AdapterUnavailable(AigdError):
+    """Configured, but not loaded or failing right now."""
+
+    code = "adapter_unavailable"
+
+
 class ManifestMismatch(AigdError):
     code = "manifest_mismatch"
 
@@ -64,6 +70,7 @@ HTTP_STATUS: dict[type, int] = {
     ImageTooLarge: 422,
     ImageRejected: 422,
     Overloaded: 503,
+    AdapterUnavailable: 503,
     MemberFailed: 503,
     ManifestMismatch: 500,
     BackendUnavailable: 500,

@@ -12,6 +12,7 @@ import math
 from functools import lru_cache
 
 from PIL import Image
+from ray.data.collate_fn import NumpyBatchCollateFn
 
 from aigd.config import ImagePolicy
 
@@ -72,17 +73,23 @@ def encode(processor, images: list[Image.Image], policy: ImagePolicy) -> dict:
     """Processor outputs for prepared images, one prompt each (unpadded lists per row).
 
     Returns a dict of per-row numpy arrays: input_ids, mm_token_type_ids, pixel_values (patches x
-    1176), image_grid_thw (3,). Rows are padded later by `collate` so this can run in Ray Data.
+    1176, uint8), image_grid_thw (3,). Rows are padded later by `collate` so this can run in Ray Data.
+    Patches stay 8-bit until the forward pass (`normalize_pixels`): a quarter of the float32 bytes
+    through Ray's object store, the network and host-to-GPU copies, and the result equals the
+    processor's own float output to 1e-6.
     """
     import numpy as np
 
     text = _cached_prompt(processor, policy)
     prepared = [prepare_image(im, policy) for im in images]
-    enc = processor(text=[text] * len(prepared), images=prepared, return_tensors="np", padding=False)
+    enc = processor(text=[text] * len(prepared), images=prepared, return_tensors="np", padding=False,
+                    do_rescale=False, do_normalize=False)
     grid = np.asarray(enc["image_grid_thw"])
     counts = grid.prod(axis=1)
     bounds = np.concatenate([[0], np.cumsum(counts)])
-    pixels = np.asarray(enc["pixel_values"], dtype=np.float32)
+    pixels = np.asarray(enc["pixel_values"])
+    if pixels.dtype != np.uint8:
+        raise ValueError(f"processor returned {pixels.dtype} patches with rescale/normalize off; expected uint8")
     return {
         "input_ids": [np.asarray(x, dtype=np.int64) for x in enc["input_ids"]],
         "mm_token_type_ids": [np.asarray(x, dtype=np.int64) for x in enc["mm_token_type_ids"]],
@@ -91,18 +98,48 @@ def encode(processor, images: list[Image.Image], policy: ImagePolicy) -> dict:
     }
 
 
-class Collate:
-    """Picklable collate for Ray Data's iter_torch_batches: pads only, no decoding."""
+def pixel_affine(processor):
+    """(2, 3) float32 [scale / std; -mean / std] per channel: the image processor's rescale + normalise."""
+    import numpy as np
 
-    def __init__(self, pad_id: int):
+    ip = processor.image_processor
+    std = np.asarray(ip.image_std, dtype=np.float64)
+    return np.stack([ip.rescale_factor / std, -np.asarray(ip.image_mean, dtype=np.float64) / std]).astype(np.float32)
+
+
+def normalize_pixels(patches, affine):
+    """uint8 (n, 3 * t * p * p) channel-major patches -> float32, on whatever device they are on.
+
+    Runs next to the model (on the GPU in training), so the data path moves 8-bit patches only.
+    """
+    import torch
+
+    x = patches.to(torch.float32).reshape(patches.shape[0], 3, -1)
+    affine = affine.to(device=x.device, dtype=torch.float32)
+    return torch.addcmul(affine[1][None, :, None], x, affine[0][None, :, None]).reshape(patches.shape[0], -1)
+
+
+class Collate(NumpyBatchCollateFn):
+    """Picklable collate for Ray Data's iter_torch_batches: pads only, no decoding or float maths."""
+
+    def __init__(self, pad_id: int, affine):
+        super().__init__()
         self.pad_id = pad_id
+        self.affine = affine
+
+    @classmethod
+    def of(cls, processor) -> "Collate":
+        return cls(processor.tokenizer.pad_token_id, pixel_affine(processor))
 
     def __call__(self, rows: dict) -> dict:
-        return collate(rows, self.pad_id)
+        return collate(rows, self.pad_id, self.affine)
 
 
-def collate(rows: dict, pad_id: int) -> dict:
-    """Left-pad per-row arrays into model tensors; the answer position is then index -1."""
+def collate(rows: dict, pad_id: int, affine) -> dict:
+    """Left-pad per-row arrays into model tensors; the answer position is then index -1.
+
+    pixel_values stay uint8; `pixel_affine` travels with them and the forward pass normalises.
+    """
     import numpy as np
     import torch
 
@@ -119,9 +156,15 @@ def collate(rows: dict, pad_id: int) -> dict:
         "input_ids": torch.from_numpy(input_ids),
         "attention_mask": torch.from_numpy(attention),
         "mm_token_type_ids": torch.from_numpy(mm),
-        "pixel_values": torch.from_numpy(np.concatenate([np.asarray(p, np.float32) for p in rows["pixel_values"]])),
+        "pixel_values": torch.from_numpy(np.concatenate([np.asarray(p, np.uint8) for p in rows["pixel_values"]])),
+        "pixel_affine": torch.from_numpy(np.asarray(affine, np.float32)),
         "image_grid_thw": torch.from_numpy(np.stack([np.asarray(g, np.int64) for g in rows["image_grid_thw"]])),
     }
     if "label" in rows:
         batch["label"] = torch.tensor(np.asarray(rows["label"], dtype=np.int64))
     return batch
+
+
+def model_batch(processor, images: list[Image.Image], policy: ImagePolicy) -> dict:
+    """Images straight to model tensors: what serving and evaluation call, through the same steps."""
+    return Collate.of(processor)(encode(processor, images, policy))

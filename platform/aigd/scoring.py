@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from aigd.prompt import normalize_pixels
+
 MODEL_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
 
 
@@ -15,7 +17,10 @@ def answer_logits(model, batch: dict) -> torch.Tensor:
     device = next(p for p in model.parameters()).device
     inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
     dtype = getattr(model, "dtype", torch.float32)
-    inputs["pixel_values"] = inputs["pixel_values"].to(dtype if dtype.is_floating_point else torch.float32)
+    pixels = inputs["pixel_values"]
+    if pixels.dtype == torch.uint8:
+        pixels = normalize_pixels(pixels, batch["pixel_affine"])
+    inputs["pixel_values"] = pixels.to(dtype if dtype.is_floating_point else torch.float32)
     out = model(**inputs, logits_to_keep=1, use_cache=False)
     return out.logits[:, -1, :].float()
 

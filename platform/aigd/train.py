@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from aigd import config as C
-from aigd.data import SPLITS, balance_cuts, build_dataset, class_counts, metadata, resolve_source
+from aigd.data import (SPLITS, balance_cuts, build_dataset, class_counts, configure_execution, metadata,
+                       resolve_source)
 from aigd.metrics import binary_metrics, ece, fit_temperature, sigmoid_p, threshold_at_fpr
 
 log = logging.getLogger("aigd.train")
@@ -41,9 +42,8 @@ def init_ray(cfg: C.TrainJobConfig) -> None:
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = cfg.data.preserve_order
-    ctx.enable_progress_bars = False
+    configure_execution(cfg.data)
+    ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 @dataclass

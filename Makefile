@@ -20,7 +20,7 @@ export TOKENIZERS_PARALLELISM := false
 # `ray start` hands its PATH to job drivers: their `python` must be this venv's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup demo demo-data tiny-model cluster train-demo score-demo test stop clean
+.PHONY: setup demo demo-data tiny-model cluster train-demo score-demo eval-demo serve-demo test stop clean
 
 setup: $(VENV)/.installed
 
@@ -41,8 +41,8 @@ demo-data: setup
 
 cluster: setup
 	@mkdir -p $(RAY_TMPDIR)
-	@$(RAY) status >/dev/null 2>&1 || $(RAY) start --head --num-cpus=2 --dashboard-host=127.0.0.1 \
-		--include-dashboard=true --disable-usage-stats
+	@curl -sf $(DASHBOARD)/api/version >/dev/null || $(RAY) start --head --num-cpus=2 --dashboard-host=127.0.0.1 \
+		--include-dashboard=true --disable-usage-stats --metrics-export-port=8080
 	@echo "Ray dashboard: $(DASHBOARD)"
 
 train-demo: cluster tiny-model demo-data
@@ -61,7 +61,24 @@ score-demo: setup
 	done
 	@echo "Ray dashboard (jobs, Train runs, metrics): $(DASHBOARD)   -- stop the cluster with: make stop"
 
-demo: train-demo score-demo
+# Both adapters and their ensemble on the demo test split: robustness sweep, calibration, report.
+eval-demo: cluster
+	$(RAY) job submit --address $(DASHBOARD) --working-dir . \
+		--runtime-env-json '{"env_vars": {"AIGD_HOME": "$(AIGD_HOME)", "HF_HUB_OFFLINE": "1"}}' \
+		-- python jobs/evaluate.py --config configs/eval_demo.yaml
+	@echo "Evaluation report: $(AIGD_HOME)/eval/report.html"
+
+# The detector app on the demo cluster: both adapters on one base, router on http://127.0.0.1:8000.
+serve-demo: cluster
+	$(VENV)/bin/serve run --non-blocking --address auto --working-dir . configs/serve_demo.yaml
+	@for i in $$(seq 120); do curl -sf http://127.0.0.1:8000/readyz >/dev/null && break; sleep 1; done
+	@curl -sf http://127.0.0.1:8000/readyz >/dev/null || (echo "the app did not become ready; see the Serve tab of $(DASHBOARD)"; exit 1)
+	@sample=$$(ls $(AIGD_HOME)/demo-data/samples/* | head -1); \
+	echo "Detector app ready (API docs: http://127.0.0.1:8000/docs). Try:"; \
+	echo "  curl -s -F image=@$$sample http://127.0.0.1:8000/v1/ensemble"; \
+	curl -s -F image=@$$sample http://127.0.0.1:8000/v1/ensemble | $(PY) -m json.tool
+
+demo: train-demo eval-demo serve-demo
 
 test: setup
 	$(PY) -m pytest -x -q

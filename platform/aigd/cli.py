@@ -1,4 +1,4 @@
-"""`aigd` command line: build the tiny model, write demo data, score images."""
+"""`aigd` command line: build the tiny model, write demo data, score images (one by one or in batch)."""
 
 from __future__ import annotations
 
@@ -57,6 +57,14 @@ def _score(args) -> None:
         print(json.dumps({"image": path, "label": "fake" if p >= 0.5 else "real", "p_fake": round(p, 4)}))
 
 
+def _score_batch(args) -> None:
+    """Score a folder or parquet of images into one row per image."""
+    from aigd.batch_score import score_path
+
+    cfg = C.load(C.EvalConfig, args.config, args.overrides)
+    print(json.dumps(score_path(cfg, args.input, args.out, args.batch_size)))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="aigd")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -75,6 +83,13 @@ def main(argv=None) -> None:
     s.add_argument("--image", action="append", default=[], help="image policy override, e.g. max_pixels=19600")
     s.add_argument("images", nargs="+")
     s.set_defaults(fn=_score)
+    b = sub.add_parser("score-batch", help="score a folder or parquet into parquet/JSONL, one row per image")
+    b.add_argument("--config", required=True, help="an eval config (model, image policy, adapters)")
+    b.add_argument("--input", required=True, help="image folder or SID_Set-format parquet folder/file")
+    b.add_argument("--out", required=True, help="output .parquet or .jsonl")
+    b.add_argument("--batch-size", type=int, default=16)
+    b.add_argument("overrides", nargs="*")
+    b.set_defaults(fn=_score_batch)
     args = ap.parse_args(argv)
     try:
         args.fn(args)

@@ -79,6 +79,8 @@ class DataConfig:
     max_image_pixels: int = 40_000_000
     max_rows: Optional[int] = None
     preprocess_cpus: float = 1.0
+    # Concurrent read + metadata-filter tasks: cheap stages; each extra one is another worker process.
+    read_tasks: int = 2
     preserve_order: bool = False
     # Cap on Ray Data's object-store buffering between stages (None: Ray's default, a share of the
     # node's object store). Preprocessed patches are ~1.5 MB per 512-px image.
@@ -210,6 +212,28 @@ class ServeConfig:
     detector: DetectorDeploymentConfig = field(default_factory=DetectorDeploymentConfig)
     router: RouterDeploymentConfig = field(default_factory=RouterDeploymentConfig)
     retry_after_s: int = 1
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    image: ImagePolicy = field(default_factory=ImagePolicy)
+    adapters: dict[str, str] = field(default_factory=dict)  # name -> exported adapter folder
+    ensemble_weights: dict[str, float] = field(default_factory=dict)  # missing names weigh 1
+    data: DataConfig = field(default_factory=DataConfig)
+    split: Literal["train", "val", "test", "all"] = "test"
+    # clean, jpeg_q<Q>, downscale_<F>, center_crop_<F>, equalized (square crop + one JPEG format)
+    perturbations: list[str] = field(default_factory=lambda: [
+        "clean", "jpeg_q95", "jpeg_q85", "jpeg_q75", "jpeg_q65", "jpeg_q50", "jpeg_q30",
+        "downscale_0.5", "downscale_0.25", "center_crop_0.5", "equalized"])
+    bootstrap: int = 200
+    calibrate: bool = False  # refit temperature + threshold on the val split, write them into manifests
+    target_fpr: float = 0.05
+    batch_size: int = 16
+    scorers: int = 1  # actors holding a model copy
+    scorer_cpus: float = 1.0
+    scorer_gpus: float = 0.0
+    out_dir: str = "${AIGD_HOME:-~/.cache/aigd}/eval"
 
 
 @dataclass(frozen=True)

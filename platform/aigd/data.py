@@ -170,7 +170,8 @@ def read_source(cfg: DataConfig):
     import ray.data
 
     if cfg.source == "sid_parquet":
-        ds = ray.data.read_parquet(_parquet_files(cfg.path), num_cpus=LIGHT_STAGE_CPUS).select_columns(
+        ds = ray.data.read_parquet(_parquet_files(cfg.path), num_cpus=LIGHT_STAGE_CPUS,
+                                   concurrency=cfg.read_tasks).select_columns(
             ["img_id", "image", "width", "height", "label"])
     elif cfg.source == "hf_disk":
         ds = ray.data.from_arrow(_hf_disk_table(cfg.path).select(["img_id", "image", "width", "height", "label"]))
@@ -397,7 +398,8 @@ def build_dataset(cfg: DataConfig, split: str, processor_path: str, policy: Imag
     """The lazy Ray Dataset of one split for one epoch: ready tensors, one row per image."""
     ds = read_source(cfg)
     ds = ds.map_batches(select_rows, fn_kwargs=dict(cfg=cfg, split=split, cuts=cuts, epoch=epoch),
-                        batch_format="pyarrow", batch_size=None, num_cpus=LIGHT_STAGE_CPUS)
+                        batch_format="pyarrow", batch_size=None, num_cpus=LIGHT_STAGE_CPUS,
+                        concurrency=cfg.read_tasks)
     # Parquet reads come in blocks of hundreds of rows (a whole small file is one block); split them
     # so every preprocessing CPU gets work instead of one task decoding a whole file.
     ds = ds.repartition(target_num_rows_per_block=max(batch_size, ROWS_PER_TASK))

@@ -93,15 +93,21 @@ class Detector:
         raise UnknownAdapter(f"unknown adapter {name!r}; loaded: {sorted(self.members)}")
 
     @torch.no_grad()
-    def score(self, images: list, adapter: str) -> np.ndarray:
-        """Calibrated P(fake) of prepared RGB images under one adapter: one forward pass."""
+    def pair_logits(self, images: list, adapter: str) -> np.ndarray:
+        """(N, 2) [Real, Fake] logits of prepared RGB images under one adapter: one forward pass."""
         from aigd.prompt import model_batch
-        from aigd.scoring import score_batch
+        from aigd.scoring import answer_logits, pair_logits
 
-        member = self.member(adapter)
+        self.member(adapter)
         self.model.set_adapter(adapter)
         batch = model_batch(self.processor, images, self.policy)
-        return score_batch(self.model, batch, self.label_ids, member.temperature).cpu().numpy()
+        return pair_logits(answer_logits(self.model, batch), self.label_ids).cpu().numpy()
+
+    def score(self, images: list, adapter: str) -> np.ndarray:
+        """Calibrated P(fake): the pair logits through the adapter's fitted temperature."""
+        from aigd.metrics import sigmoid_p
+
+        return sigmoid_p(self.pair_logits(images, adapter), self.member(adapter).temperature)
 
     def score_requests(self, images: list, wanted: list[tuple[str, ...]]) -> list[dict]:
         """For request i, {adapter: p_fake or the exception that adapter raised}; one forward per adapter."""

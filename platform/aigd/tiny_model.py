@@ -64,6 +64,12 @@ TINY_DIMS = dict(
     text_hidden=64, text_layers=2, text_heads=4, text_kv_heads=2, text_ffn=128,
     vision_hidden=64, vision_depth=2, vision_heads=4, vision_ffn=128,
 )
+# Qwen2.5-VL-7B's widths with 2 of its 28 text layers and 2 of its 32 vision blocks: the GPU check
+# exercises real kernel shapes and 4-bit layouts without downloading 16 GB.
+SEVEN_B_WIDTHS = dict(
+    text_hidden=3584, text_layers=2, text_heads=28, text_kv_heads=4, text_ffn=18944,
+    vision_hidden=1280, vision_depth=2, vision_heads=16, vision_ffn=3420,
+)
 
 
 def _train_tokenizer(vocab_size: int):
@@ -88,7 +94,8 @@ def _train_tokenizer(vocab_size: int):
     return tok
 
 
-def build_tiny_model(out_dir: str | Path, seed: int = 0, vocab_size: int = 400) -> Path:
+def build_tiny_model(out_dir: str | Path, seed: int = 0, vocab_size: int = 400, dims: dict = TINY_DIMS,
+                     dtype: str = "float32") -> Path:
     """Write a complete Hugging Face folder (config, safetensors, tokenizer, processor)."""
     import torch
     from transformers import (
@@ -122,7 +129,9 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, vocab_size: int = 400) 
         video_processor=Qwen2VLVideoProcessor(),
         chat_template=CHAT_TEMPLATE,
     )
-    d = TINY_DIMS
+    d = dims
+    half_head = d["text_hidden"] // d["text_heads"] // 2  # Qwen splits rotary dims 1/4 : 3/8 : 3/8 (t, h, w)
+    mrope = [half_head // 4, half_head * 3 // 8, half_head - half_head // 4 - half_head * 3 // 8]
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     config = Qwen2_5_VLConfig(
         text_config=dict(
@@ -133,7 +142,7 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, vocab_size: int = 400) 
             num_attention_heads=d["text_heads"],
             num_key_value_heads=d["text_kv_heads"],
             max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope},
             bos_token_id=ids["<|endoftext|>"],
             eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"],
@@ -157,7 +166,7 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, vocab_size: int = 400) 
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
+    model = Qwen2_5_VLForConditionalGeneration(config).to(getattr(torch, dtype))
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.save_pretrained(out, safe_serialization=True)

@@ -1,0 +1,229 @@
+"""Load test of the Serve app over HTTP on 127.0.0.1, plus memory and scoring-path comparisons.
+
+    make train-demo && python bench/serve_load.py            # table (about 3 minutes on 2 CPUs)
+    python bench/serve_load.py --json                        # table, then one JSON line
+    python bench/serve_load.py --concurrency 1 8 32 --seconds 10
+
+Uses configs/serve_demo.yaml's application (tiny model + the demo adapters under $AIGD_HOME).
+  batched_rps / unbatched_rps   requests/s at the highest concurrency, max_batch_size 16 vs 1
+  p99_ms_batched                p99 latency there, batching on
+  shared_base_mem_mb            PSS of the one replica holding the base + both adapters
+  two_models_mem_mb             PSS of two replicas holding one adapter each (the alternative)
+  forward_score_ms              one forward pass, softmax over the two label logits (this project)
+  generate_score_ms             greedy generate() then the first step's scores (the seed's way)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def demo_args() -> dict:
+    raw = yaml.safe_load((REPO / "configs/serve_demo.yaml").read_text())
+    return raw["applications"][0]["args"]
+
+
+def sample_images(n: int) -> list[bytes]:
+    """PNG photos from the demo data's samples folder, else synthetic ones of the demo's sizes."""
+    from PIL import Image
+
+    home = Path(os.environ.get("AIGD_HOME", "~/.cache/aigd")).expanduser()
+    files = sorted((home / "demo-data" / "samples").glob("*"))
+    out = [f.read_bytes() for f in files]
+    rng = np.random.default_rng(0)
+    while len(out) < n:
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (112, 140, 3), dtype=np.uint8)).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out[:n]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- HTTP load
+
+
+async def drive(url: str, images: list[bytes], concurrency: int, seconds: float) -> dict:
+    """`concurrency` clients in a closed loop for `seconds`: throughput and latency percentiles."""
+    import aiohttp
+
+    latencies, errors = [], 0
+    deadline = time.perf_counter() + seconds
+
+    async def client(session, k):
+        nonlocal errors
+        i = k
+        while time.perf_counter() < deadline:
+            form = aiohttp.FormData()
+            form.add_field("image", images[i % len(images)], filename="x.png")
+            t0 = time.perf_counter()
+            async with session.post(url, data=form) as r:
+                await r.read()
+                if r.status == 200:
+                    latencies.append(time.perf_counter() - t0)
+                else:
+                    errors += 1
+            i += concurrency
+
+    t0 = time.perf_counter()
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=concurrency)) as s:
+        await asyncio.gather(*(client(s, k) for k in range(concurrency)))
+    wall = time.perf_counter() - t0
+    ms = np.asarray(latencies) * 1000
+    return {"concurrency": concurrency, "rps": round(len(ms) / wall, 2), "errors": errors,
+            "p50_ms": round(float(np.percentile(ms, 50)), 1) if len(ms) else None,
+            "p99_ms": round(float(np.percentile(ms, 99)), 1) if len(ms) else None}
+
+
+def replica_pss_mb(app: str) -> float:
+    """Summed PSS of the Detector replicas of one Serve application."""
+    from ray.util.state import list_actors
+
+    total = 0.0
+    for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True):
+        if a.class_name == f"ServeReplica:{app}:Detector":
+            with open(f"/proc/{a.pid}/smaps_rollup") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("Pss:")) / 1024
+    return total
+
+
+def serve_figures(args, images) -> dict:
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+
+    base = demo_args()
+    for name in base["adapters"]:
+        from aigd.config import expand
+
+        if not Path(expand(base["adapters"][name])).exists():
+            raise SystemExit(f"adapter {name} missing at {expand(base['adapters'][name])}: run `make train-demo`")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+
+    def app(name: str, **changes):
+        cfg = json.loads(json.dumps(base))
+        cfg["detector"].update(changes.pop("detector", {}))
+        cfg.update(changes)
+        serve.run(build_app(cfg), name=name, route_prefix=f"/{name}")
+        return f"http://127.0.0.1:{port}/{name}"
+
+    rows = {}
+    for mode, batch in (("batched", 16), ("unbatched", 1)):
+        url = app(mode, detector={"max_batch_size": batch, "max_queued_requests": -1, "max_ongoing_requests": 64},
+                  router={"max_in_flight": 256, "num_cpus": 0.1})
+        asyncio.run(drive(f"{url}/v1/detect?adapter=method1", images, 4, 3))  # warm up
+        rows[mode] = [asyncio.run(drive(f"{url}/v1/detect?adapter=method1", images, c, args.seconds))
+                      for c in args.concurrency]
+        serve.delete(mode)
+    shared_url = app("shared")
+    one_a = app("single1", adapters={"method1": base["adapters"]["method1"]}, ensemble={})
+    one_b = app("single2", adapters={"method2": base["adapters"]["method2"]}, ensemble={})
+    for url, adapter in ((shared_url, "method1"), (shared_url, "method2"), (one_a, "method1"), (one_b, "method2")):
+        asyncio.run(drive(f"{url}/v1/detect?adapter={adapter}", images, 2, 2))
+    shared = replica_pss_mb("shared")
+    two = replica_pss_mb("single1") + replica_pss_mb("single2")
+    serve.shutdown()
+    ray.shutdown()
+    return {"rows": rows, "shared_base_mem_mb": round(shared, 1), "two_models_mem_mb": round(two, 1)}
+
+
+# --------------------------------------------------------------------------- scoring paths
+
+
+def scoring_figures(images: list[bytes], repeats: int) -> dict:
+    """One forward over two label logits vs the seed's greedy generate(), same model and image."""
+    import torch
+
+    from aigd import config as C
+    from aigd.detector import Detector
+    from aigd.images import decode
+    from aigd.prompt import model_batch, prepare_image
+
+    torch.set_num_threads(1)
+    cfg = C.from_dict(C.ServeConfig, demo_args())
+    det = Detector(cfg.model, cfg.image, {"method1": cfg.adapters["method1"]})
+    img = prepare_image(decode(images[0]), cfg.image)
+    det.model.set_adapter("method1")
+    batch = model_batch(det.processor, [img], cfg.image)
+    inputs = {k: v for k, v in batch.items() if k not in ("pixel_affine",)}
+    from aigd.prompt import normalize_pixels
+
+    inputs["pixel_values"] = normalize_pixels(batch["pixel_values"], batch["pixel_affine"])
+
+    def forward():
+        det.score([img], "method1")
+
+    @torch.no_grad()
+    def generate():
+        out = det.model.generate(**inputs, max_new_tokens=8, do_sample=False, output_scores=True,
+                                 return_dict_in_generate=True, pad_token_id=det.processor.tokenizer.pad_token_id)
+        torch.softmax(out.scores[0][0], dim=-1)[list(det.label_ids)]
+        det.processor.tokenizer.decode(out.sequences[0, inputs["input_ids"].shape[1]:])
+
+    def timed(fn) -> float:
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - t0) / repeats * 1000
+
+    return {"forward_score_ms": round(timed(forward), 2), "generate_score_ms": round(timed(generate), 2)}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
+    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--cpus", type=int, default=os.cpu_count())
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    images = sample_images(16)
+    scoring = scoring_figures(images, repeats=30)
+    serving = serve_figures(args, images)
+    print(f"\n{'mode':10s} {'conc':>5s} {'rps':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>7s}")
+    for mode, rows in serving["rows"].items():
+        for r in rows:
+            print(f"{mode:10s} {r['concurrency']:5d} {r['rps']:8.1f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} "
+                  f"{r['errors']:7d}")
+    top_b, top_u = serving["rows"]["batched"][-1], serving["rows"]["unbatched"][-1]
+    res = {"batched_rps": top_b["rps"], "unbatched_rps": top_u["rps"], "p99_ms_batched": top_b["p99_ms"],
+           "p99_ms_unbatched": top_u["p99_ms"], "at_concurrency": top_b["concurrency"],
+           "shared_base_mem_mb": serving["shared_base_mem_mb"], "two_models_mem_mb": serving["two_models_mem_mb"],
+           **scoring}
+    res["batching_gain"] = round(res["batched_rps"] / res["unbatched_rps"], 2)
+    res["mem_ratio"] = round(res["shared_base_mem_mb"] / res["two_models_mem_mb"], 3)
+    res["generate_over_forward"] = round(res["generate_score_ms"] / res["forward_score_ms"], 2)
+    goals = {"batching_gain": ">= 3", "mem_ratio": "<= 0.6", "generate_over_forward": ">= 3"}
+    print(f"\n{'figure':22s} {'value':>10s}  goal")
+    for k, v in res.items():
+        print(f"{k:22s} {v!s:>10s}  {goals.get(k, '')}")
+    if args.json:
+        print(json.dumps(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()

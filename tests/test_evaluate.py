@@ -1,0 +1,154 @@
+"""Evaluation: perturbations do what they are named, calibration helps, reports and batch scoring are complete."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from aigd import config as C
+from aigd import evaluate as E
+from conftest import SERVE_POLICY
+
+
+def _photo(seed=0, size=(160, 120)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize(size, Image.Resampling.BICUBIC)
+
+
+def _quant_tables(quality: int, img: Image.Image) -> dict:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return Image.open(io.BytesIO(buf.getvalue())).quantization
+
+
+def test_perturbations_apply_what_they_name():
+    img = _photo()
+    q30 = E.jpeg(img, 30)
+    assert q30.format == "JPEG" and q30.quantization == _quant_tables(30, img) != _quant_tables(95, img)
+    assert np.array_equal(np.asarray(E.perturb(img, "jpeg_q30")), np.asarray(q30))
+    assert E.perturb(img, "downscale_0.5").size == (80, 60)
+    assert E.perturb(img, "downscale_0.25").size == (40, 30)
+    crop = E.perturb(img, "center_crop_0.5")
+    assert crop.size == (80, 60) and np.array_equal(np.asarray(crop), np.asarray(img)[30:90, 40:120])
+    eq = E.perturb(img, "equalized")
+    assert eq.size == (120, 120) and eq.format == "JPEG" and eq.quantization == _quant_tables(95, img.crop((20, 0, 140, 120)))
+    assert E.perturb(img, "clean") is img
+    with pytest.raises(ValueError, match="unknown perturbation"):
+        E.check_perturbation("blur_3")
+
+
+def _scores(n=400, scale=6.0, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    margin = scale * ((2 * y - 1) * 0.6 + rng.normal(0, 1, n))  # over-confident: logit gaps far too large
+    return y, {"label": y, "z_real_m": np.zeros(n), "z_fake_m": margin, "temperature_m": np.ones(n)}
+
+
+def test_calibration_lowers_ece_and_is_written_to_the_manifest(tmp_path):
+    y, scores = _scores()
+    fitted = E.calibration_report(y, scores, ["m"], target_fpr=0.05)["m"]
+    assert fitted["temperature"] > 2
+    assert fitted["ece_calibrated"] < 0.5 * fitted["ece_uncalibrated"]
+    p = 1 / (1 + np.exp(-scores["z_fake_m"] / fitted["temperature"]))
+    assert np.mean(p[y == 0] >= fitted["threshold_at_fpr"]) <= 0.05 + 1e-9
+    (tmp_path / "manifest.json").write_text(json.dumps({"calibration": {"temperature": 1.0, "threshold": 0.5}}))
+    E.write_calibration(str(tmp_path), fitted)
+    cal = json.loads((tmp_path / "manifest.json").read_text())["calibration"]
+    assert cal["temperature"] == fitted["temperature"] and cal["threshold_at_fpr_0.05"] == fitted["threshold_at_fpr"]
+
+
+def test_report_folder_holds_the_pngs_and_the_html_references_them(tmp_path):
+    y, base = _scores(200, scale=1.0)
+    perts = ["clean", "jpeg_q50"]
+    scores = {k: np.concatenate([v, v]) for k, v in base.items()}
+    scores["z_fake_m2"] = scores["z_fake_m"] * 0.5 + 0.3
+    scores["z_real_m2"], scores["temperature_m2"] = scores["z_real_m"], scores["temperature_m"]
+    scores["perturbation"] = np.asarray(["clean"] * 200 + ["jpeg_q50"] * 200)
+    scores.update(width=np.full(400, 112), height=np.full(400, 140), format=np.asarray(["PNG"] * 400))
+    cfg = C.from_dict(C.EvalConfig, {"adapters": {"m": "a", "m2": "b"}, "perturbations": perts, "bootstrap": 20})
+    summary = E.summarize(scores, cfg)
+    assert summary["auc_kept_vs_clean"]["m"]["jpeg_q50"] == pytest.approx(1.0)
+    assert set(summary["metrics"]["clean"]) == {"m", "m2", "ensemble"}
+    lo, hi = summary["metrics"]["clean"]["m"]["roc_auc_ci95"]
+    assert lo <= summary["metrics"]["clean"]["m"]["roc_auc"] <= hi
+    report = E.write_report(scores, summary, cfg, {"shortcut_audit": E.shortcut_stats(scores)}, tmp_path)
+    doc = report.read_text()
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert pngs == ["confusion.png", "reliability.png", "robustness.png", "roc.png"]
+    for name in pngs:
+        assert f'src="{name}"' in doc and (tmp_path / name).stat().st_size > 1000
+    assert json.loads((tmp_path / "metrics.json").read_text())["metrics"]["clean"]["m"]["n"] == 200
+
+
+def _eval_config(tiny_model, adapters, demo_data, out, **extra) -> list[str]:
+    cfg = {
+        "model": {"name_or_path": str(tiny_model), "load_in_4bit": False, "backend": "hf"},
+        "image": dict(SERVE_POLICY),
+        "adapters": {k: str(adapters[k]) for k in ("method1", "method2")},
+        "data": {"source": "sid_parquet", "path": str(demo_data), "min_width": 112, "split_group_sep": "/"},
+        **extra,
+    }
+    path = out / "eval.yaml"
+    path.write_text(json.dumps(cfg))
+    return ["--config", str(path), f"out_dir={out / 'report'}"]
+
+
+def test_batch_scorer_writes_a_row_per_image_and_a_reason_per_unreadable_one(tmp_path, tiny_model, adapters,
+                                                                            demo_data):
+    from aigd.batch_score import score_path
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        _photo(i).save(folder / f"ok{i}.png")
+    good = io.BytesIO()
+    _photo(9).save(good, format="JPEG")
+    (folder / "truncated.jpg").write_bytes(good.getvalue()[:200])
+    (folder / "notes.txt").write_text("not an image")
+    argv = _eval_config(tiny_model, adapters, demo_data, tmp_path)
+    cfg = C.load(C.EvalConfig, argv[1])
+    summary = score_path(cfg, str(folder), str(tmp_path / "out.jsonl"), batch_size=2)
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert summary == {"rows": 5, "scored": 3, "unreadable": 2, "out": str(tmp_path / "out.jsonl")}
+    by_name = {r["id"].rsplit("/", 1)[-1]: r for r in rows}
+    assert by_name["truncated.jpg"]["error"].startswith("corrupt_image")
+    assert by_name["notes.txt"]["error"].startswith("unsupported_media_type")
+    for i in range(3):
+        r = by_name[f"ok{i}.png"]
+        assert r["error"] is None and 0 <= r["p_fake"] <= 1 and r["label"] in ("real", "fake")
+        assert r["p_fake"] == pytest.approx((r["p_fake_method1"] + r["p_fake_method2"]) / 2)
+
+
+def test_evaluate_job_scores_the_test_split_and_writes_the_report(tmp_path, tiny_model, adapters, demo_data,
+                                                                 ray_local):
+    import evaluate as job
+
+    work = tmp_path / "adapters"
+    shutil.copytree(adapters["method1"], work / "method1")
+    shutil.copytree(adapters["method2"], work / "method2")
+    argv = _eval_config(tiny_model, {"method1": work / "method1", "method2": work / "method2"}, demo_data, tmp_path,
+                        perturbations=["clean", "jpeg_q50", "equalized"], bootstrap=20, calibrate=True,
+                        scorer_cpus=0.5, batch_size=32)
+    report = job.main(argv)
+    metrics = json.loads((report.parent / "metrics.json").read_text())
+    clean = metrics["metrics"]["clean"]
+    assert set(clean) == {"method1", "method2", "ensemble"}
+    counts_test = sum(C_ for C_ in _test_counts(demo_data))
+    assert clean["method1"]["n"] == metrics["n_images"] == counts_test - metrics["unreadable_images"]
+    assert set(metrics["auc_kept_vs_clean"]["method2"]) == {"clean", "jpeg_q50", "equalized"}
+    assert set(metrics["shortcut_audit"]) == {"real", "fake"}
+    assert json.loads((work / "method1" / "manifest.json").read_text())["calibration"]["fitted_by"] == "jobs/evaluate.py"
+
+
+def _test_counts(demo_data):
+    from aigd.config import DataConfig
+    from aigd.data import class_counts, metadata
+
+    cfg = DataConfig(source="sid_parquet", path=str(demo_data), min_width=112, split_group_sep="/")
+    return class_counts(cfg, metadata(cfg))["test"]

@@ -95,14 +95,16 @@ async def drive(url: str, images: list[bytes], concurrency: int, seconds: float)
 
 
 def replica_pss_mb(app: str) -> float:
-    """Summed PSS of the Detector replicas of one Serve application."""
-    from ray.util.state import list_actors
+    """Summed PSS of the Detector replica processes of one Serve application (found by process title)."""
+    import psutil
 
     total = 0.0
-    for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True):
-        if a.class_name == f"ServeReplica:{app}:Detector":
-            with open(f"/proc/{a.pid}/smaps_rollup") as f:
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(f"ServeReplica:{app}:Detector" in part for part in (proc.info["cmdline"] or [])):
+            with open(f"/proc/{proc.pid}/smaps_rollup") as f:
                 total += next(int(line.split()[1]) for line in f if line.startswith("Pss:")) / 1024
+    if total == 0:
+        raise RuntimeError(f"no Detector replica process found for app {app}")
     return total
 
 

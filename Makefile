@@ -79,6 +79,7 @@ serve-demo: cluster
 	curl -s -F image=@$$sample http://127.0.0.1:8000/v1/ensemble | $(PY) -m json.tool
 
 demo: train-demo eval-demo serve-demo
+	@echo "Evaluation report: $(AIGD_HOME)/eval/report.html   Dashboard: $(DASHBOARD)   Stop: make stop"
 
 test: setup
 	$(PY) -m pytest -x -q

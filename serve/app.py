@@ -271,10 +271,12 @@ class Router:
         if failed and (e.on_member_failure == "fail" or not ok):
             raise MemberFailed("ensemble member(s) failed: " + "; ".join(f"{n}: {r}" for n, r in failed.items()))
         p = combine({n: m["p_fake"] for n, m in ok.items()}, e.weights)
-        label = verdict(p, e.threshold)
+        threshold = e.threshold if e.threshold is not None else combine(
+            {n: m["threshold"] for n, m in ok.items()}, e.weights)
+        label = verdict(p, threshold)
         self.verdicts.inc(tags={"adapter": "ensemble", "label": label})
         return {"adapter": "ensemble", "label": label, "p_fake": round(p, 6), "p_real": round(1 - p, 6),
-                "threshold": e.threshold, "rule": "weighted_mean",
+                "threshold": threshold, "rule": "weighted_mean",
                 "weights": {n: e.weights.get(n, 1.0) for n in ok}, "degraded": bool(failed),
                 "members_used": sorted(ok), "members_failed": failed,
                 "members": {n: self._member_result(n, m) for n, m in ok.items()}, "timing": timing}

@@ -66,7 +66,8 @@ def processor(tiny_model):
 SERVE_POLICY = dict(max_pixels=140 * 140, min_pixels=56 * 56, prompt="Real/Fake?", prompt_version="v1")
 
 
-def make_adapter(tiny_model: Path, out: Path, seed: int, temperature: float, method: str, **policy_changes) -> Path:
+def make_adapter(tiny_model: Path, out: Path, seed: int, temperature: float, method: str, threshold: float = 0.5,
+                 **policy_changes) -> Path:
     """A real exported adapter folder (peft safetensors + manifest) with random, non-zero LoRA weights."""
     import torch
 
@@ -86,7 +87,7 @@ def make_adapter(tiny_model: Path, out: Path, seed: int, temperature: float, met
     model.save_pretrained(raw)
     manifest = {"method": method, "base_model": str(tiny_model), "base_fingerprint": base_fingerprint(model.config),
                 "image_policy": policy_dict(ImagePolicy(**{**SERVE_POLICY, **policy_changes})),
-                "calibration": {"temperature": temperature, "threshold": 0.5}}
+                "calibration": {"temperature": temperature, "threshold": threshold}}
     return write_adapter(raw, out, manifest)
 
 
@@ -94,8 +95,8 @@ def make_adapter(tiny_model: Path, out: Path, seed: int, temperature: float, met
 def adapters(tiny_model, home) -> dict[str, Path]:
     root = home / "test-adapters"
     return {
-        "method1": make_adapter(tiny_model, root / "method1", seed=1, temperature=1.5, method="method1"),
-        "method2": make_adapter(tiny_model, root / "method2", seed=2, temperature=0.8, method="method2"),
+        "method1": make_adapter(tiny_model, root / "method1", seed=1, temperature=1.5, method="method1", threshold=0.4),
+        "method2": make_adapter(tiny_model, root / "method2", seed=2, temperature=0.8, method="method2", threshold=0.6),
         # exported for a different pixel budget: serving must refuse it
         "mismatched": make_adapter(tiny_model, root / "mismatched", seed=3, temperature=1.0, method="method2",
                                    max_pixels=112 * 112),

@@ -123,6 +123,7 @@ def test_batch_scorer_writes_a_row_per_image_and_a_reason_per_unreadable_one(tmp
         r = by_name[f"ok{i}.png"]
         assert r["error"] is None and 0 <= r["p_fake"] <= 1 and r["label"] in ("real", "fake")
         assert r["p_fake"] == pytest.approx((r["p_fake_method1"] + r["p_fake_method2"]) / 2)
+        assert r["label"] == ("fake" if r["p_fake"] >= 0.5 else "real")  # mean of thresholds 0.4 and 0.6
 
 
 def test_evaluate_job_scores_the_test_split_and_writes_the_report(tmp_path, tiny_model, adapters, demo_data,

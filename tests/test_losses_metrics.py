@@ -63,3 +63,15 @@ def test_temperature_fit_lowers_ece_of_overconfident_scores():
     t = M.fit_temperature(z, y)
     assert 4 < t < 8
     assert M.ece(y, M.sigmoid_p(z, t)) < M.ece(y, M.sigmoid_p(z)) / 2
+
+
+def test_accuracy_threshold_undoes_a_bias_that_a_temperature_cannot():
+    from aigd.metrics import accuracy_threshold, binary_metrics
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 2000)
+    p = 1 / (1 + np.exp(-((2 * y - 1) * 1.5 + rng.normal(0, 1, 2000) + 2.0)))  # every score pushed toward Fake
+    t = accuracy_threshold(y, p)
+    assert t > 0.8
+    assert binary_metrics(y, p, t)["accuracy"] > binary_metrics(y, p, 0.5)["accuracy"] + 0.2
+    assert accuracy_threshold([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 0.5  # ties resolve to the nearest to 0.5

@@ -125,6 +125,9 @@ def test_ensemble_is_the_configured_weighted_mean(server, library):
     assert p1 == pytest.approx(_library_p(library, data, "method1"), abs=1e-4)
     assert p2 == pytest.approx(_library_p(library, data, "method2"), abs=1e-4)
     assert body["p_fake"] == pytest.approx((3 * p1 + 1 * p2) / 4, abs=1e-5)
+    assert body["threshold"] == pytest.approx((3 * 0.4 + 1 * 0.6) / 4)  # members' thresholds, same weights
+    assert body["label"] == ("fake" if body["p_fake"] >= body["threshold"] else "real")
+    assert [body["members"][k]["threshold"] for k in ("method1", "method2")] == [0.4, 0.6]
     assert body["weights"] == {"method1": 3.0, "method2": 1.0}
     assert body["degraded"] is False and body["members_used"] == ["method1", "method2"]
 

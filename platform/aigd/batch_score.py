@@ -56,6 +56,8 @@ def score_path(cfg: EvalConfig, path: str, out: str, batch_size: int = 16) -> di
 
     detector = Detector(cfg.model, cfg.image, cfg.adapters)
     names = list(cfg.adapters)
+    # one member: its own threshold; several: the same weighted mean as their probabilities
+    threshold = combine({n: detector.members[n].threshold for n in names}, cfg.ensemble_weights)
     rows: list[dict] = []
     pending: list[tuple[str, object]] = []
 
@@ -66,9 +68,9 @@ def score_path(cfg: EvalConfig, path: str, out: str, batch_size: int = 16) -> di
         p = {n: detector.score(images, n) for n in names}
         for i, (img_id, _) in enumerate(pending):
             row = {"id": img_id, "error": None, **{f"p_fake_{n}": float(p[n][i]) for n in names}}
-            p_final = combine({n: p[n][i] for n in names}, cfg.ensemble_weights) if len(names) > 1 else p[names[0]][i]
+            p_final = combine({n: p[n][i] for n in names}, cfg.ensemble_weights)
             row["p_fake"] = float(p_final)
-            row["label"] = "fake" if p_final >= 0.5 else "real"
+            row["label"] = "fake" if p_final >= threshold else "real"
             rows.append(row)
         pending.clear()
 

@@ -187,7 +187,7 @@ class RouterDeploymentConfig:
 class EnsembleConfig:
     members: list[str] = field(default_factory=list)  # empty: every configured adapter
     weights: dict[str, float] = field(default_factory=dict)  # missing names weigh 1
-    threshold: float = 0.5
+    threshold: Optional[float] = None  # None: the same weighted mean of the members' thresholds
     # A member that is not loaded or fails: answer 503, or answer from the others with degraded=true.
     on_member_failure: Literal["fail", "degrade"] = "fail"
 

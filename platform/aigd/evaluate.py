@@ -20,7 +20,8 @@ from PIL import Image
 from aigd.config import EvalConfig
 from aigd.images import ImageLimits, decode, sniff
 from aigd.errors import AigdError
-from aigd.metrics import binary_metrics, bootstrap_ci, ece, fit_temperature, sigmoid_p, threshold_at_fpr
+from aigd.metrics import (accuracy_threshold, binary_metrics, bootstrap_ci, ece, fit_temperature, sigmoid_p,
+                          threshold_at_fpr)
 
 ENSEMBLE = "ensemble"
 _JPEG = re.compile(r"jpeg_q(\d+)$")
@@ -108,30 +109,33 @@ class Scorer:
             z = self.detector.pair_logits(images, name)
             out[f"z_real_{name}"], out[f"z_fake_{name}"] = z[:, 0], z[:, 1]
             out[f"temperature_{name}"] = np.full(len(images), self.detector.members[name].temperature)
+            out[f"threshold_{name}"] = np.full(len(images), self.detector.members[name].threshold)
         return out
 
 
 # --------------------------------------------------------------------------- metrics
 
 
-def probabilities(scores: dict, adapters: list[str], weights: dict[str, float]) -> dict[str, np.ndarray]:
-    """Calibrated P(fake) per adapter and for the weighted-mean ensemble."""
+def probabilities(scores: dict, adapters: list[str], weights: dict[str, float]) -> dict[str, tuple]:
+    """(calibrated P(fake), decision threshold) per adapter and for the weighted-mean ensemble."""
     from aigd.detector import combine
 
-    p = {}
+    out = {}
     for name in adapters:
         z = np.stack([scores[f"z_real_{name}"], scores[f"z_fake_{name}"]], axis=1)
-        p[name] = sigmoid_p(z, float(scores[f"temperature_{name}"][0]))
+        threshold = float(scores[f"threshold_{name}"][0]) if f"threshold_{name}" in scores else 0.5
+        out[name] = (sigmoid_p(z, float(scores[f"temperature_{name}"][0])), threshold)
     if len(adapters) > 1:
-        p[ENSEMBLE] = np.asarray([combine({n: p[n][i] for n in adapters}, weights) for i in range(len(scores["label"]))])
-    return p
+        p = np.asarray([combine({n: out[n][0][i] for n in adapters}, weights) for i in range(len(scores["label"]))])
+        out[ENSEMBLE] = (p, combine({n: out[n][1] for n in adapters}, weights))
+    return out
 
 
-def with_ci(y, p, n_boot: int) -> dict:
-    m = binary_metrics(y, p)
+def with_ci(y, p, threshold: float, n_boot: int) -> dict:
+    m = binary_metrics(y, p, threshold)
     if n_boot and len(np.unique(y)) == 2:
         for key in ("accuracy", "f1", "roc_auc"):
-            m[f"{key}_ci95"] = list(bootstrap_ci(y, p, key, n_boot=n_boot))
+            m[f"{key}_ci95"] = list(bootstrap_ci(y, p, key, n_boot=n_boot, threshold=threshold))
     return m
 
 
@@ -145,7 +149,8 @@ def summarize(scores: dict, cfg: EvalConfig) -> dict:
         sel = pert == name
         sub = {k: np.asarray(v)[sel] for k, v in scores.items()}
         probs = probabilities(sub, adapters, cfg.ensemble_weights)
-        metrics[name] = {m: with_ci(y_all[sel], p, cfg.bootstrap if name == "clean" else 0) for m, p in probs.items()}
+        metrics[name] = {m: with_ci(y_all[sel], p, t, cfg.bootstrap if name == "clean" else 0)
+                         for m, (p, t) in probs.items()}
     kept = {m: {name: metrics[name][m]["roc_auc"] / metrics["clean"][m]["roc_auc"]
                 for name in cfg.perturbations} for m in metrics.get("clean", {})}
     return {"metrics": metrics, "auc_kept_vs_clean": kept}
@@ -158,7 +163,8 @@ def calibration_report(y, scores: dict, adapters: list[str], target_fpr: float) 
         z = np.stack([scores[f"z_real_{name}"], scores[f"z_fake_{name}"]], axis=1)
         t = fit_temperature(z, y)
         p_fit = sigmoid_p(z, t)
-        out[name] = {"temperature": t, "threshold_at_fpr": threshold_at_fpr(y, p_fit, target_fpr),
+        out[name] = {"temperature": t, "threshold": accuracy_threshold(y, p_fit),
+                     "threshold_at_fpr": threshold_at_fpr(y, p_fit, target_fpr),
                      "target_fpr": target_fpr, "ece_uncalibrated": ece(y, sigmoid_p(z)),
                      "ece_manifest_temperature": ece(y, sigmoid_p(z, float(scores[f"temperature_{name}"][0]))),
                      "ece_calibrated": ece(y, p_fit), "n": int(len(y))}
@@ -170,7 +176,8 @@ def write_calibration(adapter_dir: str, fitted: dict) -> None:
     path = Path(adapter_dir) / "manifest.json"
     manifest = json.loads(path.read_text())
     cal = manifest.setdefault("calibration", {})
-    cal.update({"temperature": fitted["temperature"], f"threshold_at_fpr_{fitted['target_fpr']}":
+    cal.update({"temperature": fitted["temperature"], "threshold": fitted["threshold"],
+                "threshold_rule": "max validation accuracy", f"threshold_at_fpr_{fitted['target_fpr']}":
                 fitted["threshold_at_fpr"], "ece_before": fitted["ece_uncalibrated"],
                 "ece_after": fitted["ece_calibrated"], "fitted_by": "jobs/evaluate.py", "n_val": fitted["n"]})
     path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
@@ -229,6 +236,8 @@ def _plots(scores: dict, summary: dict, cfg: EvalConfig, out: Path) -> list[str]
     sub = {k: np.asarray(v)[clean] for k, v in scores.items()}
     y = sub["label"]
     probs = probabilities(sub, list(cfg.adapters), cfg.ensemble_weights)
+    thresholds = {m: t for m, (_, t) in probs.items()}
+    probs = {m: p for m, (p, _) in probs.items()}
     # ROC
     fig, ax = plt.subplots(figsize=(5, 5))
     for m, p in probs.items():
@@ -265,7 +274,7 @@ def _plots(scores: dict, summary: dict, cfg: EvalConfig, out: Path) -> list[str]
     # confusion matrices
     fig, axes = plt.subplots(1, len(probs), figsize=(3.2 * len(probs), 3.2), squeeze=False)
     for ax, (m, p) in zip(axes[0], probs.items()):
-        c = confusion(y, p >= 0.5)
+        c = confusion(y, p >= thresholds[m])
         mat = np.asarray([[c["tn"], c["fp"]], [c["fn"], c["tp"]]])
         ax.imshow(mat, cmap="Blues")
         for (i, j), v in np.ndenumerate(mat):
@@ -274,7 +283,7 @@ def _plots(scores: dict, summary: dict, cfg: EvalConfig, out: Path) -> list[str]
         ax.set_yticks([0, 1], ["real", "fake"])
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
-        ax.set_title(m)
+        ax.set_title(f"{m} (threshold {thresholds[m]:.2f})")
     fig.tight_layout()
     fig.savefig(out / "confusion.png", dpi=110)
     files.append("confusion.png")
@@ -283,10 +292,14 @@ def _plots(scores: dict, summary: dict, cfg: EvalConfig, out: Path) -> list[str]
 
 
 def text_table(summary: dict) -> str:
+    """AUC, accuracy and fake recall at 0.5 per member: JPEG tends to turn fakes into "Real" before
+    it hurts the ranking, so AUC alone hides it."""
     members = list(summary["metrics"]["clean"])
-    lines = [f"{'perturbation':16s} " + " ".join(f"{m + ' AUC':>16s}" for m in members)]
+    lines = [f"{'':16s} " + " ".join(f"{m:>25s}" for m in members),
+             f"{'perturbation':16s} " + " ".join(f"{'AUC':>10s} {'acc':>5s} {'rec_fake':>8s}" for _ in members)]
     for name, row in summary["metrics"].items():
-        lines.append(f"{name:16s} " + " ".join(f"{row[m]['roc_auc']:16.3f}" for m in members))
+        lines.append(f"{name:16s} " + " ".join(
+            f"{row[m]['roc_auc']:>10.3f} {row[m]['accuracy']:>5.3f} {row[m]['recall_fake']:>8.3f}" for m in members))
     return "\n".join(lines)
 
 
@@ -309,7 +322,7 @@ def write_report(scores: dict, summary: dict, cfg: EvalConfig, extra: dict, out:
 </head><body><h1>Evaluation report</h1>
 <p>Data: {html.escape(cfg.data.source)}:{html.escape(cfg.data.path)}, split {html.escape(cfg.split)}.
 Adapters: {html.escape(", ".join(f"{k} ({v})" for k, v in cfg.adapters.items()))}.</p>
-<h2>Clean metrics (threshold 0.5, 95% bootstrap interval for AUC)</h2>
+<h2>Clean metrics (each member at its manifest threshold; 95% bootstrap interval for AUC)</h2>
 <table><tr><th>member</th>{"".join(f"<th>{k}</th>" for k in keys)}<th>AUC 95% CI</th></tr>{clean_rows}</table>
 <h2>Robustness: AUC (and share of clean AUC kept)</h2>
 <table><tr><th>perturbation</th>{"".join(f"<th>{html.escape(m)}</th>" for m in members)}</tr>{rows}</table>

@@ -119,6 +119,22 @@ def threshold_at_fpr(y, p, target_fpr: float) -> float:
     return float(np.nextafter(reals[k], 1.0)) if k < len(reals) else 0.0
 
 
+def accuracy_threshold(y, p) -> float:
+    """Decision threshold with the highest accuracy (ties: the one nearest 0.5).
+
+    A temperature rescales the logit gap but cannot move a bias: focal loss with alpha on Fake
+    shifts every score toward Fake, so the threshold must be fitted too.
+    """
+    y, p = np.asarray(y).astype(int), np.asarray(p, dtype=np.float64)
+    if len(np.unique(y)) < 2:
+        return 0.5
+    s = np.unique(p)
+    candidates = np.concatenate([[0.5], (s[1:] + s[:-1]) / 2]) if len(s) > 1 else np.asarray([0.5])
+    acc = np.asarray([np.mean((p >= t) == y) for t in candidates])
+    best = np.flatnonzero(acc == acc.max())
+    return float(candidates[best[np.argmin(np.abs(candidates[best] - 0.5))]])
+
+
 def sigmoid_p(pair_logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     z = np.asarray(pair_logits, dtype=np.float64)
     return 1.0 / (1.0 + np.exp(-(z[:, 1] - z[:, 0]) / temperature))

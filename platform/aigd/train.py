@@ -20,7 +20,7 @@ import torch
 from aigd import config as C
 from aigd.data import (SPLITS, balance_cuts, build_dataset, class_counts, configure_execution, metadata,
                        resolve_source)
-from aigd.metrics import binary_metrics, ece, fit_temperature, sigmoid_p, threshold_at_fpr
+from aigd.metrics import accuracy_threshold, binary_metrics, ece, fit_temperature, sigmoid_p, threshold_at_fpr
 
 log = logging.getLogger("aigd.train")
 
@@ -289,7 +289,8 @@ def export_adapter(cfg: C.TrainJobConfig, result, counts: dict) -> Path:
         temperature = fit_temperature(z, y) if len(np.unique(y)) == 2 else 1.0
         p_cal = sigmoid_p(z, temperature)
         calibration = {
-            "temperature": temperature, "threshold": 0.5,
+            "temperature": temperature, "threshold": accuracy_threshold(y, p_cal),
+            "threshold_rule": "max validation accuracy",
             "threshold_at_fpr_0.05": threshold_at_fpr(y, p_cal, 0.05),
             "ece_before": ece(y, sigmoid_p(z)), "ece_after": ece(y, p_cal), "n_val": int(len(y)),
         }

@@ -20,7 +20,7 @@ import ray
 
 from aigd import config as C
 from aigd import evaluate as E
-from aigd.data import SPLITS, configure_execution, read_source, resolve_source, select_rows
+from aigd.data import class_counts, configure_execution, metadata, read_source, resolve_source, select_rows
 
 
 def parse_args(argv=None) -> C.EvalConfig:
@@ -41,11 +41,10 @@ def parse_args(argv=None) -> C.EvalConfig:
 def score(cfg: C.EvalConfig, split: str, perturbations: list[str]) -> tuple[dict, int]:
     """All scores of one split as numpy columns, plus the number of images that could not be decoded."""
     data = resolve_source(cfg.data)
-    ds = read_source(data)
-    if split != "all":
-        ds = ds.map_batches(select_rows, fn_kwargs=dict(cfg=data, split=split, cuts=None, epoch=0),
-                            batch_format="pyarrow", batch_size=None)
-    rows_in = ds.count()
+    counts = class_counts(data, metadata(data))  # metadata only: no second read of the image bytes
+    rows_in = sum(sum(c) for c in counts.values()) if split == "all" else sum(counts[split])
+    ds = read_source(data).map_batches(select_rows, fn_kwargs=dict(cfg=data, split=split, cuts=None, epoch=0),
+                                       batch_format="pyarrow", batch_size=None)
     ds = ds.map_batches(E.expand, fn_kwargs=dict(perturbations=perturbations, policy=cfg.image,
                                                  max_pixels=data.max_image_pixels),
                         batch_format="numpy", batch_size=cfg.batch_size)

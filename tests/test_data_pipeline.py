@@ -41,6 +41,8 @@ def test_filter_and_split_counts_are_exact(cfg, table):
     counts = D.class_counts(cfg, D.metadata(cfg))
     assert counts == _expected_counts(table, cfg)
     assert sum(map(sum, counts.values())) == 2 * (120 + 1)  # 120 + 1 corrupt per class; small + tampered dropped
+    everything = D.select_rows(table, cfg, "all", None, 0)  # evaluation of a whole folder: filters, no split
+    assert everything.num_rows == 2 * (120 + 1) and set(everything.column("label").to_pylist()) == {0, 1}
 
 
 def test_tampered_can_count_as_fake(cfg):

@@ -27,12 +27,12 @@ def inputs(path: str) -> Iterator[tuple[str, bytes | None]]:
         return
     import pyarrow.parquet as pq
 
-    from aigd.data import _image_bytes, _parquet_files
+    from aigd.data import image_bytes, _parquet_files
 
     for shard in _parquet_files(path):
         for batch in pq.ParquetFile(shard).iter_batches(batch_size=256, columns=["img_id", "image"]):
             ids = batch.column("img_id").to_pylist()
-            for img_id, data in zip(ids, _image_bytes(batch.column("image").to_pylist())):
+            for img_id, data in zip(ids, image_bytes(batch.column("image").to_pylist())):
                 yield str(img_id), data
 
 

@@ -182,7 +182,7 @@ def read_source(cfg: DataConfig):
     return ds
 
 
-def _image_bytes(col) -> list:
+def image_bytes(col) -> list:
     """SID_Set stores {bytes, path} structs; plain binary and file paths work too."""
     out = []
     for v in col:
@@ -247,8 +247,9 @@ def select_rows(table: pa.Table, cfg: DataConfig, split: str, cuts: tuple[float,
     ids = table.column("img_id").to_pylist()
     cls = class_of(labels, cfg, ids)
     keep = keep_mask(labels, table.column("width").to_numpy(), table.column("height").to_numpy(), cfg)
-    u = unit_hash(split_key(ids, cfg.split_group_sep), cfg.split_salt)
-    keep &= assign_split(u, cfg.val_fraction, cfg.test_fraction) == SPLITS.index(split)
+    if split != "all":  # "all": every row that passes the label and size filters
+        u = unit_hash(split_key(ids, cfg.split_group_sep), cfg.split_salt)
+        keep &= assign_split(u, cfg.val_fraction, cfg.test_fraction) == SPLITS.index(split)
     if cuts is not None:
         draw = unit_hash(ids, f"{cfg.seed}/{epoch}/balance")
         keep &= np.where(cls == 0, draw < cuts[0], draw < cuts[1]) | (cls < 0)
@@ -354,7 +355,7 @@ def preprocess(batch: dict, processor_path: str, policy: ImagePolicy, aug: Augme
 
     limits = ImageLimits(max_pixels=max_pixels, min_side=1, max_aspect=1e9)
     images, keep, quality = [], [], []
-    for i, (img_id, data) in enumerate(zip(batch["img_id"], _image_bytes(batch["image"]))):
+    for i, (img_id, data) in enumerate(zip(batch["img_id"], image_bytes(batch["image"]))):
         try:
             if data is None:
                 raise DataError("no image bytes")

@@ -70,12 +70,12 @@ def perturb(img: Image.Image, name: str) -> Image.Image:
 
 def expand(batch: dict, perturbations: list[str], policy, max_pixels: int) -> dict:
     """Decode each image once; emit one prepared (policy-sized) uint8 array per perturbation."""
-    from aigd.data import _image_bytes
+    from aigd.data import image_bytes
     from aigd.prompt import prepare_image
 
     out = {k: [] for k in ("img_id", "label", "perturbation", "pixels", "width", "height", "format")}
     limits = ImageLimits(max_pixels=max_pixels, min_side=1, max_aspect=1e9)
-    for i, data in enumerate(_image_bytes(batch["image"])):
+    for i, data in enumerate(image_bytes(batch["image"])):
         try:
             img = decode(data, limits)
             fmt = sniff(data)

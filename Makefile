@@ -20,7 +20,7 @@ export TOKENIZERS_PARALLELISM := false
 # `ray start` hands its PATH to job drivers: their `python` must be this venv's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup demo demo-data tiny-model cluster train-demo score-demo eval-demo serve-demo test stop clean
+.PHONY: setup demo demo-data tiny-model cluster train-demo score-demo eval-demo serve-demo test test-fast stop clean
 
 setup: $(VENV)/.installed
 
@@ -56,8 +56,7 @@ train-demo: cluster tiny-model demo-data
 score-demo: setup
 	@for method in method1 method2; do \
 		echo "== $$method adapter on held-out-style samples (file name says the truth) =="; \
-		$(VENV)/bin/aigd score --model $(AIGD_HOME)/tiny-qwen2.5-vl --adapter $(AIGD_HOME)/adapters/$$method \
-			--image max_pixels=19600 $(AIGD_HOME)/demo-data/samples/*; \
+		$(VENV)/bin/aigd score --adapter $(AIGD_HOME)/adapters/$$method $(AIGD_HOME)/demo-data/samples/*; \
 	done
 	@echo "Ray dashboard (jobs, Train runs, metrics): $(DASHBOARD)   -- stop the cluster with: make stop"
 
@@ -83,6 +82,10 @@ demo: train-demo eval-demo serve-demo
 
 test: setup
 	$(PY) -m pytest -x -q
+
+# The edit loop: everything that needs no Ray cluster (under a minute).
+test-fast: setup
+	$(PY) -m pytest -x -q -m "not slow"
 
 stop:
 	-$(RAY) stop --force

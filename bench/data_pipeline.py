@@ -130,8 +130,9 @@ def seed_loop_ips(data_path: Path, n: int) -> float:
     import torchvision.transforms.v2 as T
     from PIL import Image
 
+    from aigd.batching import encode
     from aigd.data import cached_processor
-    from aigd.prompt import encode
+    from aigd.prompt import prepare_image
 
     _, policy, aug, _ = bench_configs(data_path)
     proc = cached_processor(processor_path())
@@ -146,14 +147,15 @@ def seed_loop_ips(data_path: Path, n: int) -> float:
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=int(rng.integers(50, 96)))
         img = Image.open(buf).convert("RGB")
-        encode(proc, [img], policy)
+        encode(proc, [prepare_image(img, policy)], policy)
     return n / (time.perf_counter() - t0)
 
 
 def bound_ips(data_path: Path, n: int, cpus: int) -> float:
     import torch
 
-    from aigd.data import balance_cuts, cached_processor, metadata, preprocess, select_rows
+    from aigd.data import balance, cached_processor, preprocess, select_rows
+    from aigd.sources import metadata
 
     torch.set_num_threads(1)  # what a Ray task with num_cpus=1 gets
     data, policy, aug, batch_size = bench_configs(data_path)
@@ -161,14 +163,13 @@ def bound_ips(data_path: Path, n: int, cpus: int) -> float:
     cached_processor(path)
     table = rows(data_path, n)
     t0 = time.perf_counter()
-    cuts = balance_cuts(data, metadata(data), "train", 0)
-    kept = select_rows(table, data, "train", cuts, 0)
+    kept = select_rows(table, data, "train", balance(data, metadata(data), 0))
     done = 0
     for s in range(0, kept.num_rows, batch_size):
         part = kept.slice(s, batch_size)
         part = {k: part.column(k).to_pylist() if k in ("img_id", "image") else part.column(k).to_numpy()
                 for k in ("img_id", "image", "width", "height", "label")}
-        out = preprocess(part, path, policy, aug, data.seed, 0, data.max_image_pixels)
+        out = preprocess(part, (path, None), policy, aug, data.seed, 0, data.max_image_pixels)
         done += len(out["img_id"])
     return done / (time.perf_counter() - t0) * cpus
 
@@ -177,8 +178,8 @@ def run_pipeline(data_path: Path, cpus: int, store_mb: int) -> dict:
     """Child process body: a fresh local Ray, the training pipeline, consumed like the trainer does."""
     import ray
 
-    from aigd.data import balance_cuts, build_dataset, cached_processor, configure_execution, metadata
-    from aigd.prompt import Collate
+    from aigd.data import Collate, balance, build_dataset, cached_processor, configure_execution
+    from aigd.sources import metadata
 
     data, policy, aug, batch_size = bench_configs(data_path)
     path = processor_path()
@@ -188,8 +189,8 @@ def run_pipeline(data_path: Path, cpus: int, store_mb: int) -> dict:
     ray.data.DataContext.get_current().enable_progress_bars = False
     configure_execution(data)
     t0 = time.perf_counter()
-    cuts = balance_cuts(data, metadata(data), "train", 0)
-    ds = build_dataset(data, "train", path, policy, aug, 0, cuts, batch_size=batch_size)
+    ds = build_dataset(data, "train", (path, None), policy, aug, 0, balance(data, metadata(data), 0),
+                       batch_size=batch_size)
     n = 0
     for batch in ds.iter_torch_batches(batch_size=batch_size, collate_fn=to_batch):
         n += int(batch["label"].shape[0])

@@ -8,4 +8,4 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false AIGD_HOME=${AIGD_HOME:-$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$PY" -c "import unsloth, bitsandbytes; print('unsloth', unsloth.__version__, 'bitsandbytes', bitsandbytes.__version__)" \
   || echo "unsloth/bitsandbytes missing: install the gpu extra (pip install -e '.[gpu]') first"
-exec timeout 480 "$PY" bench/gpu_check.py --json "$@"
+exec timeout 540 "$PY" bench/gpu_check.py --json "$@"

@@ -160,23 +160,20 @@ def scoring_figures(images: list[bytes], repeats: int) -> dict:
     import torch
 
     from aigd import config as C
-    from aigd.detector import Detector
-    from aigd.images import decode
-    from aigd.prompt import model_batch, prepare_image
+    from aigd.batching import model_batch, normalize_pixels
+    from aigd.scorer import Scorer
 
     torch.set_num_threads(1)
     cfg = C.from_dict(C.ServeConfig, demo_args())
-    det = Detector(cfg.model, cfg.image, {"method1": cfg.adapters["method1"]})
-    img = prepare_image(decode(images[0]), cfg.image)
+    det = Scorer(C.replace(cfg, adapters={"method1": cfg.adapters["method1"]}))
+    img = det.prepare(images[0], cfg.limits)
     det.model.set_adapter("method1")
-    batch = model_batch(det.processor, [img], cfg.image)
+    batch = model_batch(det.processor, [img], det.policy)
     inputs = {k: v for k, v in batch.items() if k not in ("pixel_affine",)}
-    from aigd.prompt import normalize_pixels
-
     inputs["pixel_values"] = normalize_pixels(batch["pixel_values"], batch["pixel_affine"])
 
     def forward():
-        det.score([img], "method1")
+        det.p_fake([img], "method1")
 
     @torch.no_grad()
     def generate():

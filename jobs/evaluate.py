@@ -16,11 +16,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 
 from aigd import config as C
-from aigd import evaluate as E
-from aigd.data import class_counts, configure_execution, metadata, read_source, resolve_source, select_rows
+from aigd import report as R
+from aigd import robustness as E
+from aigd.data import LIGHT_STAGE_CPUS, class_counts, configure_execution, select_rows
+from aigd.manifest import update_calibration
+from aigd.manifest import policy_for
+from aigd.sources import metadata, read_source, resolve_source
 
 
 def parse_args(argv=None) -> C.EvalConfig:
@@ -35,7 +41,7 @@ def parse_args(argv=None) -> C.EvalConfig:
         raise C.ConfigError("perturbations must include clean (the sweep is reported relative to it)")
     if not cfg.adapters:
         raise C.ConfigError("adapters: name at least one exported adapter folder")
-    return cfg
+    return C.replace(cfg, image=policy_for(cfg))  # the expand stage prepares images before any Scorer exists
 
 
 def score(cfg: C.EvalConfig, split: str, perturbations: list[str]) -> tuple[dict, int]:
@@ -43,12 +49,13 @@ def score(cfg: C.EvalConfig, split: str, perturbations: list[str]) -> tuple[dict
     data = resolve_source(cfg.data)
     counts = class_counts(data, metadata(data))  # metadata only: no second read of the image bytes
     rows_in = sum(sum(c) for c in counts.values()) if split == "all" else sum(counts[split])
-    ds = read_source(data).map_batches(select_rows, fn_kwargs=dict(cfg=data, split=split, cuts=None, epoch=0),
-                                       batch_format="pyarrow", batch_size=None)
+    ds = read_source(data, LIGHT_STAGE_CPUS).map_batches(select_rows, fn_kwargs=dict(cfg=data, split=split),
+                                                         batch_format="pyarrow", batch_size=None,
+                                                         num_cpus=LIGHT_STAGE_CPUS)
     ds = ds.map_batches(E.expand, fn_kwargs=dict(perturbations=perturbations, policy=cfg.image,
                                                  max_pixels=data.max_image_pixels),
-                        batch_format="numpy", batch_size=cfg.batch_size)
-    ds = ds.map_batches(E.Scorer, fn_constructor_kwargs=dict(cfg=C.to_dict(cfg)), batch_format="numpy",
+                        batch_format="numpy", batch_size=cfg.batch_size, num_cpus=cfg.decode_cpus)
+    ds = ds.map_batches(E.ScoringActor, fn_constructor_kwargs=dict(cfg=C.to_dict(cfg)), batch_format="numpy",
                         batch_size=cfg.batch_size, concurrency=cfg.scorers, num_cpus=cfg.scorer_cpus,
                         num_gpus=cfg.scorer_gpus or None)
     cols: dict[str, list] = {}
@@ -72,10 +79,10 @@ def main(argv=None) -> Path:
         val, _ = score(cfg, "val", ["clean"])
         extra["calibration"] = E.calibration_report(val["label"], val, list(cfg.adapters), cfg.target_fpr)
         for name, fitted in extra["calibration"].items():
-            E.write_calibration(cfg.adapters[name], fitted)
-            print(f"[calibration] {name}: T={fitted['temperature']:.3f} ECE {fitted['ece_uncalibrated']:.3f} -> "
-                  f"{fitted['ece_calibrated']:.3f}; threshold at FPR {cfg.target_fpr}: {fitted['threshold_at_fpr']:.3f}"
-                  f" (written to {cfg.adapters[name]}/manifest.json)")
+            update_calibration(cfg.adapters[name], fitted, fitted_by="jobs/evaluate.py")
+            print(f"[calibration] {name}: T={fitted['temperature']:.3f} ECE {fitted['ece_before']:.3f} -> "
+                  f"{fitted['ece_after']:.3f}; threshold at FPR {cfg.target_fpr}: "
+                  f"{fitted['threshold_at_target_fpr']:.3f} (written to {cfg.adapters[name]}/manifest.json)")
     scores, unreadable = score(cfg, cfg.split, list(cfg.perturbations))
     if not len(scores.get("label", [])):
         raise SystemExit(f"no readable images in split {cfg.split!r} of {cfg.data.path}")
@@ -84,11 +91,12 @@ def main(argv=None) -> Path:
     extra["unreadable_images"] = unreadable
     extra["n_images"] = int(np.sum(scores["perturbation"] == "clean"))
     out = Path(cfg.out_dir)
-    report = E.write_report(scores, summary, cfg, extra, out)
-    print(f"\n{E.text_table(summary)}\n")
+    report = R.write_report(scores, summary, cfg, extra, out)
+    pq.write_table(pa.table(E.predictions(scores, cfg)), out / "predictions.parquet")
+    print(f"\n{R.text_table(summary)}\n")
     print(f"{extra['n_images']} images ({unreadable} unreadable, skipped) x {len(cfg.perturbations)} perturbations "
           f"scored in {time.perf_counter() - t0:.0f} s")
-    print(f"report: {report}\nmetrics: {out / 'metrics.json'}")
+    print(f"report: {report}\nmetrics: {out / 'metrics.json'}\nper-image answers: {out / 'predictions.parquet'}")
     return report
 
 

@@ -1,4 +1,5 @@
-"""Ray Serve app: one Detector deployment (the base model with every adapter) behind a FastAPI router.
+"""Ray Serve app: one Detector deployment (an aigd.scorer.Scorer: the base model with every adapter)
+behind a FastAPI router.
 
     serve run configs/serve_demo.yaml        # local; Ctrl-C stops it
     serve deploy configs/serve_7b.yaml       # onto a running cluster
@@ -23,8 +24,11 @@ from ray.serve.handle import DeploymentHandle
 
 from aigd import __version__
 from aigd import config as C
+from aigd.decision import ENSEMBLE, ensemble_answer
 from aigd.errors import (AdapterUnavailable, AigdError, BadRequest, BodyTooLarge, MemberFailed, Overloaded,
                          UnknownAdapter, UnsupportedMediaType, error_body, http_status)
+from aigd.manifest import policy_for
+from aigd.prompt import prepare
 
 log = logging.getLogger("ray.serve")
 
@@ -59,12 +63,11 @@ class Detector:
     def __init__(self, cfg: dict):
         from ray.serve.metrics import Histogram
 
-        from aigd.detector import Detector as Model
+        from aigd.scorer import Scorer  # here, not at the top: the router replicas never import torch
 
         self.cfg = C.from_dict(C.ServeConfig, cfg)
         d = self.cfg.detector
-        self.model = Model(self.cfg.model, self.cfg.image, self.cfg.adapters, self.cfg.thresholds,
-                           on_adapter_error=d.on_adapter_error)
+        self.scorer = Scorer(self.cfg, on_adapter_error=d.on_adapter_error)
         self._score.set_max_batch_size(d.max_batch_size)
         self._score.set_batch_wait_timeout_s(d.batch_wait_timeout_s)
         self.replica = serve.get_replica_context().replica_id.unique_id
@@ -80,27 +83,24 @@ class Detector:
 
     @serve.batch
     async def _score(self, items: list[tuple[np.ndarray, tuple[str, ...]]]) -> list:
-        from PIL import Image
-
         self.batch_sizes.observe(len(items))
-        images = [Image.fromarray(a) for a, _ in items]
         # A worker thread, so health checks and /v1/models stay answered during a forward pass.
-        results = await asyncio.to_thread(self.model.score_requests, images, [names for _, names in items])
-        all_failed = all(not isinstance(v, float) for r in results for v in r.values())
+        results = await asyncio.to_thread(self.scorer.score_requests, [a for a, _ in items],
+                                          [names for _, names in items])
+        all_failed = all(isinstance(v, Exception) for r in results for v in r.values())
         self.failed_batches = self.failed_batches + 1 if all_failed else 0
         return [({name: self._member(name, v) for name, v in r.items()}, len(items)) for r in results]
 
-    def _member(self, name: str, value) -> dict:
-        if not isinstance(value, float):
-            err = value if isinstance(value, AigdError) else AdapterUnavailable(f"adapter {name} failed: {value}")
+    @staticmethod
+    def _member(name: str, value) -> dict:
+        """A member's answer (aigd.decision.member_answer), or the error body of its failure."""
+        if isinstance(value, Exception):
+            err = value if isinstance(value, AigdError) else AdapterUnavailable(f"adapter {name} failed")
             return error_body(err)
-        m = self.model.members[name]
-        return {"p_fake": value, "threshold": m.threshold, "temperature": m.temperature,
-                "version": {"created_at": m.manifest.get("created_at"),
-                            "code_version": m.manifest.get("code_version"), "method": m.manifest.get("method")}}
+        return value
 
     def info(self) -> dict:
-        return {**self.model.describe(), "replica": self.replica}
+        return {**self.scorer.describe(), "replica": self.replica}
 
     def check_health(self) -> None:
         if self.failed_batches >= UNHEALTHY_AFTER:
@@ -174,22 +174,15 @@ async def image_payloads(request: Request, body: bytes, max_images: int) -> list
     return out
 
 
-def verdict(p_fake: float, threshold: float) -> str:
-    return "fake" if p_fake >= threshold else "real"
-
-
 @serve.deployment
 @serve.ingress(api)
 class Router:
     def __init__(self, detector: DeploymentHandle, cfg: dict):
         from ray.serve.metrics import Counter, Histogram
 
-        from aigd.images import ImageLimits
-
         self.detector = detector
         self.cfg = C.from_dict(C.ServeConfig, cfg)
-        lim = self.cfg.limits
-        self.limits = ImageLimits(max_pixels=lim.max_pixels, min_side=lim.min_side, max_aspect=lim.max_aspect)
+        self.policy = policy_for(self.cfg)
         self.ensemble_members = list(self.cfg.ensemble.members or self.cfg.adapters)
         self.in_flight = 0
         self.requests = Counter("aigd_requests_total", description="HTTP requests",
@@ -221,20 +214,14 @@ class Router:
         return response
 
     async def _images(self, request: Request, max_images: int = 1) -> list[bytes]:
-        body = await read_body(request, int(self.cfg.limits.max_body_mb * 2**20))
+        body = await read_body(request, int(self.cfg.request.max_body_mb * 2**20))
         return await image_payloads(request, body, max_images)
-
-    def _prepare(self, data: bytes) -> np.ndarray:
-        from aigd.images import decode
-        from aigd.prompt import prepare_image
-
-        return np.asarray(prepare_image(decode(data, self.limits), self.cfg.image))
 
     async def _score(self, data: bytes, adapters: tuple[str, ...]) -> tuple[dict, dict]:
         from ray.serve.exceptions import BackPressureError
 
         t0 = time.perf_counter()
-        pixels = await asyncio.to_thread(self._prepare, data)
+        pixels = await asyncio.to_thread(prepare, data, self.cfg.limits, self.policy)
         t1 = time.perf_counter()
         try:
             out = await self.detector.score.remote(pixels, adapters)
@@ -243,12 +230,6 @@ class Router:
         timing = {"decode_ms": round((t1 - t0) * 1000, 2), "model_ms": round((time.perf_counter() - t1) * 1000, 2),
                   "batch_size": out["batch_size"], "replica": out["replica"]}
         return out["members"], timing
-
-    def _member_result(self, name: str, m: dict) -> dict:
-        label = verdict(m["p_fake"], m["threshold"])
-        self.verdicts.inc(tags={"adapter": name, "label": label})
-        return {"adapter": name, "label": label, "p_fake": round(m["p_fake"], 6), "p_real": round(1 - m["p_fake"], 6),
-                "threshold": m["threshold"], "temperature": m["temperature"], "model": m["version"]}
 
     def _check_adapter(self, adapter: str) -> None:
         if adapter not in self.cfg.adapters:
@@ -259,27 +240,18 @@ class Router:
         m = members[adapter]
         if "error" in m:
             raise AdapterUnavailable(m["error"]["message"])
-        return {**self._member_result(adapter, m), "timing": timing}
+        self.verdicts.inc(tags={"adapter": adapter, "label": m["label"]})
+        return {**m, "timing": timing}
 
     async def _ensemble_one(self, data: bytes) -> dict:
-        from aigd.detector import combine
-
         members, timing = await self._score(data, tuple(self.ensemble_members))
         ok = {n: m for n, m in members.items() if "error" not in m}
         failed = {n: m["error"]["message"] for n, m in members.items() if "error" in m}
-        e = self.cfg.ensemble
-        if failed and (e.on_member_failure == "fail" or not ok):
+        if failed and (self.cfg.ensemble.on_member_failure == "fail" or not ok):
             raise MemberFailed("ensemble member(s) failed: " + "; ".join(f"{n}: {r}" for n, r in failed.items()))
-        p = combine({n: m["p_fake"] for n, m in ok.items()}, e.weights)
-        threshold = e.threshold if e.threshold is not None else combine(
-            {n: m["threshold"] for n, m in ok.items()}, e.weights)
-        label = verdict(p, threshold)
-        self.verdicts.inc(tags={"adapter": "ensemble", "label": label})
-        return {"adapter": "ensemble", "label": label, "p_fake": round(p, 6), "p_real": round(1 - p, 6),
-                "threshold": threshold, "rule": "weighted_mean",
-                "weights": {n: e.weights.get(n, 1.0) for n in ok}, "degraded": bool(failed),
-                "members_used": sorted(ok), "members_failed": failed,
-                "members": {n: self._member_result(n, m) for n, m in ok.items()}, "timing": timing}
+        answer = ensemble_answer(ok, failed, self.cfg.ensemble)
+        self.verdicts.inc(tags={"adapter": ENSEMBLE, "label": answer["label"]})
+        return {**answer, "timing": timing}
 
     # ---- endpoints
 
@@ -302,16 +274,16 @@ class Router:
     async def detect_batch(self, request: Request, adapter: str = Query("ensemble")):
         async def one(data: bytes) -> dict:
             try:
-                if adapter == "ensemble":
+                if adapter == ENSEMBLE:
                     return await self._ensemble_one(data)
                 return await self._detect_one(data, adapter)
             except AigdError as e:
                 return {**error_body(e), "status": http_status(e)}
 
         async def work():
-            if adapter != "ensemble":
+            if adapter != ENSEMBLE:
                 self._check_adapter(adapter)
-            images = await self._images(request, self.cfg.limits.max_batch_images)
+            images = await self._images(request, self.cfg.request.max_batch_images)
             results = await asyncio.gather(*(one(d) for d in images))
             return {"adapter": adapter, "results": [{"index": i, **r} for i, r in enumerate(results)]}
 

@@ -18,6 +18,13 @@ for sub in ("", "jobs"):
     if str(ROOT / sub) not in sys.path:
         sys.path.insert(0, str(ROOT / sub))
 
+def pytest_collection_modifyitems(items):
+    """Whatever needs a Ray cluster (directly or through a fixture) is `slow`: `make test-fast` skips it."""
+    for item in items:
+        if "ray_local" in item.fixturenames:
+            item.add_marker(pytest.mark.slow)
+
+
 SMALL_DEMO = dict(rows_per_class=120, tampered_rows=10, small_rows=12, corrupt_rows=2, shards=2, seed=0)
 
 
@@ -43,6 +50,25 @@ def demo_data(home) -> Path:
     return write_demo_data(DemoDataConfig(out_dir=str(home / "demo-data"), **SMALL_DEMO))
 
 
+def corrupt_by_split(demo_data: Path) -> dict[str, list[str]]:
+    """img_ids of the demo set's undecodable images (the pipeline skips and counts them), per split."""
+    import pyarrow.parquet as pq
+
+    from aigd.config import DataConfig
+    from aigd.data import SPLITS, assign_split, split_key, unit_hash
+    from aigd.images import decode
+
+    cfg = DataConfig(min_width=112, split_group_sep="/")
+    bad = []
+    for r in pq.ParquetDataset(sorted(str(p) for p in (demo_data / "data").glob("*.parquet"))).read().to_pylist():
+        try:
+            decode(r["image"]["bytes"])
+        except Exception:
+            bad.append(r["img_id"])
+    split_of = assign_split(unit_hash(split_key(bad, "/"), cfg.split_salt), cfg.val_fraction, cfg.test_fraction)
+    return {name: [b for b, s in zip(bad, split_of) if s == i] for i, name in enumerate(SPLITS)}
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     import ray
@@ -66,18 +92,23 @@ def processor(tiny_model):
 SERVE_POLICY = dict(max_pixels=140 * 140, min_pixels=56 * 56, prompt="Real/Fake?", prompt_version="v1")
 
 
+def calibration(temperature: float, threshold: float) -> dict:
+    return {"temperature": temperature, "threshold": threshold, "threshold_rule": "test", "target_fpr": 0.05,
+            "threshold_at_target_fpr": threshold, "ece_before": 0.0, "ece_after": 0.0, "n": 0}
+
+
 def make_adapter(tiny_model: Path, out: Path, seed: int, temperature: float, method: str, threshold: float = 0.5,
                  **policy_changes) -> Path:
     """A real exported adapter folder (peft safetensors + manifest) with random, non-zero LoRA weights."""
     import torch
 
     from aigd.config import ImagePolicy, LoraConfig, ModelConfig
-    from aigd.manifest import base_fingerprint, policy_dict, write_adapter
+    from aigd.manifest import new_manifest, write_adapter
     from aigd.model import load_for_training
 
-    model, _, _ = load_for_training(ModelConfig(name_or_path=str(tiny_model), load_in_4bit=False,
-                                                gradient_checkpointing=False), LoraConfig(seed=seed),
-                                    torch.device("cpu"))
+    model, _, base = load_for_training(ModelConfig(name_or_path=str(tiny_model), load_in_4bit=False,
+                                                   gradient_checkpointing=False), LoraConfig(seed=seed),
+                                       torch.device("cpu"))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -85,9 +116,9 @@ def make_adapter(tiny_model: Path, out: Path, seed: int, temperature: float, met
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
     raw = out.parent / f"{out.name}-peft"
     model.save_pretrained(raw)
-    manifest = {"method": method, "base_model": str(tiny_model), "base_fingerprint": base_fingerprint(model.config),
-                "image_policy": policy_dict(ImagePolicy(**{**SERVE_POLICY, **policy_changes})),
-                "calibration": {"temperature": temperature, "threshold": threshold}}
+    manifest = new_manifest(method=method, base=base, policy=ImagePolicy(**{**SERVE_POLICY, **policy_changes}),
+                            lora={}, training={}, data={}, val_metrics={},
+                            calibration=calibration(temperature, threshold))
     return write_adapter(raw, out, manifest)
 
 

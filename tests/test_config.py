@@ -45,10 +45,19 @@ def test_every_shipped_config_loads_and_names_its_command(path):
     if cls is None and path.stem.startswith("eval"):
         cls = C.EvalConfig
     cls = cls or C.TrainJobConfig
-    cfg = C.load(cls, path)
-    assert ("jobs/" in header or "serve " in header or "aigd " in header)
     if cls is C.TrainJobConfig:
-        assert f"jobs/train_{cfg.method}.py" in header
+        recipe = "method2" if "method2" in path.stem else "method1"
+        assert f"jobs/train_{recipe}.py" in header
+        C.load(cls, path, base=_recipe(recipe).PRESET)
+    else:
+        C.load(cls, path)
+    assert ("jobs/" in header or "serve " in header or "aigd " in header)
+
+
+def _recipe(name: str):
+    import importlib
+
+    return importlib.import_module(f"train_{name}")
 
 
 def _check_serve_config(path):
@@ -65,8 +74,8 @@ def _check_serve_config(path):
 
 
 def test_seed_hyperparameters_are_the_defaults_of_the_real_configs():
-    m1 = C.load(C.TrainJobConfig, ROOT / "configs/method1.yaml")
-    m2 = C.load(C.TrainJobConfig, ROOT / "configs/method2.yaml")
+    m1 = C.load(C.TrainJobConfig, ROOT / "configs/method1.yaml", base=_recipe("method1").PRESET)
+    m2 = C.load(C.TrainJobConfig, ROOT / "configs/method2.yaml", base=_recipe("method2").PRESET)
     assert (m1.optim.loss, m1.optim.lr, m1.optim.scheduler, m1.optim.epochs) == ("ce", 1e-4, "linear", 1)
     assert (m2.optim.loss, m2.optim.lr, m2.optim.scheduler, m2.optim.epochs) == ("focal", 5e-5, "cosine", 2)
     assert (m2.optim.focal_alpha, m2.optim.focal_gamma) == (0.75, 2.0)
@@ -75,3 +84,19 @@ def test_seed_hyperparameters_are_the_defaults_of_the_real_configs():
         assert m.optim.batch_size * m.optim.grad_accum * m.scaling.num_workers == 40
         assert m.model.name_or_path == "Qwen/Qwen2.5-VL-7B-Instruct" and m.data.path == "saberzl/SID_Set"
     assert m2.augment.crop_size == 512 and m2.augment.jpeg_quality == (50, 95)
+    assert not m1.augment.enabled and m2.augment.enabled
+
+
+def test_a_recipe_preset_says_what_the_method_is_and_a_config_may_override_it(tmp_path):
+    (tmp_path / "c.yaml").write_text("optim: {lr: 0.001}\n")
+    m2 = C.load(C.TrainJobConfig, tmp_path / "c.yaml", ["optim.epochs=3"], base=_recipe("method2").PRESET)
+    assert (m2.optim.loss, m2.optim.scheduler, m2.augment.enabled) == ("focal", "cosine", True)
+    assert (m2.optim.lr, m2.optim.epochs) == (0.001, 3)
+
+
+def test_nested_env_defaults(monkeypatch):
+    monkeypatch.delenv("AIGD_STORAGE", raising=False)
+    monkeypatch.setenv("AIGD_HOME", "/h")
+    assert C.load(C.TrainJobConfig).run.storage_path == "/h/runs"
+    monkeypatch.setenv("AIGD_STORAGE", "s3://bucket/runs")
+    assert C.load(C.TrainJobConfig).run.storage_path == "s3://bucket/runs"

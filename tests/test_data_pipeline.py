@@ -1,12 +1,17 @@
 """The streamed Ray Data pipeline on the small demo set, on a real local Ray."""
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from aigd import data as D
+from aigd.batching import encode
 from aigd.config import AugmentConfig, DataConfig, ImagePolicy
-from aigd.prompt import encode
+from aigd.prompt import prepare_image
+from aigd.sources import DataError, metadata, read_source
+from conftest import corrupt_by_split
 
 POLICY = ImagePolicy(max_pixels=140 * 140, min_pixels=56 * 56)
 AUG = AugmentConfig(enabled=True, crop_size=112, crop_scale=(0.5, 1.0), jpeg_p=1.0, jpeg_quality=(50, 95))
@@ -38,18 +43,18 @@ def _expected_counts(table, cfg):
 
 
 def test_filter_and_split_counts_are_exact(cfg, table):
-    counts = D.class_counts(cfg, D.metadata(cfg))
+    counts = D.class_counts(cfg, metadata(cfg))
     assert counts == _expected_counts(table, cfg)
     assert sum(map(sum, counts.values())) == 2 * (120 + 1)  # 120 + 1 corrupt per class; small + tampered dropped
-    everything = D.select_rows(table, cfg, "all", None, 0)  # evaluation of a whole folder: filters, no split
+    everything = D.select_rows(table, cfg, "all")  # evaluation of a whole folder: filters, no split
     assert everything.num_rows == 2 * (120 + 1) and set(everything.column("label").to_pylist()) == {0, 1}
 
 
 def test_tampered_can_count_as_fake(cfg):
     import dataclasses
 
-    counts = D.class_counts(dataclasses.replace(cfg, tampered="fake"), D.metadata(cfg))
-    base = D.class_counts(cfg, D.metadata(cfg))
+    counts = D.class_counts(dataclasses.replace(cfg, tampered="fake"), metadata(cfg))
+    base = D.class_counts(cfg, metadata(cfg))
     assert sum(c[1] for c in counts.values()) == sum(c[1] for c in base.values()) + 10
 
 
@@ -65,18 +70,18 @@ def test_split_is_stable_and_disjoint(cfg, table):
 
 
 def test_label_outside_the_map_is_an_error_naming_the_row(cfg):
-    with pytest.raises(D.DataError, match="row 1: label 7 "):
+    with pytest.raises(DataError, match="row 1: label 7 "):
         D.class_of(np.array([0, 7]), cfg)
 
 
 def test_balance_is_exact_and_redrawn_per_epoch(cfg, table, ray_local):
-    counts = D.class_counts(cfg, D.metadata(cfg))
+    counts = D.class_counts(cfg, metadata(cfg))
     n = min(counts["train"])
     picked = []
     for epoch in (0, 1):
-        cuts = D.balance_cuts(cfg, D.metadata(cfg), "train", epoch)
-        ds = D.read_source(cfg).map_batches(D.select_rows, fn_kwargs=dict(cfg=cfg, split="train", cuts=cuts,
-                                                                           epoch=epoch), batch_format="pyarrow")
+        sample = D.balance(cfg, metadata(cfg), epoch)
+        ds = read_source(cfg, 1.0).map_batches(D.select_rows, fn_kwargs=dict(cfg=cfg, split="train", sample=sample),
+                                                batch_format="pyarrow")
         rows = ds.select_columns(["img_id", "label"]).take_all()
         labels = [r["label"] for r in rows]
         assert labels.count(0) == n and labels.count(1) == n
@@ -85,8 +90,20 @@ def test_balance_is_exact_and_redrawn_per_epoch(cfg, table, ray_local):
         assert picked[0] != picked[1]
 
 
+def test_validation_subset_is_fixed_and_keeps_the_class_proportions(cfg, table):
+    counts = D.class_counts(cfg, metadata(cfg))["val"]
+    n = sum(counts) // 2
+    sample = D.stratified(cfg, metadata(cfg), "val", n, counts)
+    again = D.stratified(cfg, metadata(cfg), "val", n, counts)
+    rows = D.select_rows(table, cfg, "val", sample)
+    labels = rows.column("label").to_pylist()
+    want = [round(n * c / sum(counts)) for c in counts]
+    assert [labels.count(0), labels.count(1)] == want and sample == again
+    assert D.stratified(cfg, metadata(cfg), "val", 10 * sum(counts), counts) is None  # whole split
+
+
 def _run(cfg, processor_path, epoch, aug):
-    ds = D.build_dataset(cfg, "train", processor_path, POLICY, aug, epoch, None, batch_size=16)
+    ds = D.build_dataset(cfg, "train", (processor_path, None), POLICY, aug, epoch, None, batch_size=16)
     return {r["img_id"]: r for r in ds.take_all()}
 
 
@@ -108,26 +125,17 @@ def test_corrupt_rows_are_skipped_and_counted(cfg, tiny_model, table, ray_local)
 
     counter = "skipped-test"
     D.skip_counter(counter)
-    ds = D.build_dataset(cfg, "train", str(tiny_model), POLICY, None, 0, None, counter=counter)
+    ds = D.build_dataset(cfg, "train", (str(tiny_model), None), POLICY, None, 0, None, counter=counter)
     rows = ds.select_columns(["img_id"]).take_all()
-    counts = D.class_counts(cfg, D.metadata(cfg))
+    counts = D.class_counts(cfg, metadata(cfg))
     skipped = D.skipped_counts(counter)
     ray.kill(ray.get_actor(counter, namespace=D.COUNTER_NAMESPACE))
-    from aigd.images import decode
-
-    corrupt = []
-    for r in table.to_pylist():
-        try:
-            decode(r["image"]["bytes"])
-        except Exception:
-            corrupt.append(r["img_id"])
-    assert len(corrupt) == 2  # the demo writes two truncated JPEGs
-    split = D.assign_split(D.unit_hash(D.split_key(corrupt, "/"), cfg.split_salt), cfg.val_fraction,
-                           cfg.test_fraction)
-    corrupt_in_train = int((split == 0).sum())
+    corrupt = corrupt_by_split(Path(cfg.path))
+    assert sum(map(len, corrupt.values())) == 2  # the demo writes two truncated JPEGs
+    corrupt_in_train = len(corrupt["train"])
     assert skipped.get("train", 0) == corrupt_in_train
     assert len(rows) + corrupt_in_train == sum(counts["train"])
-    assert not set(corrupt) & {r["img_id"] for r in rows}
+    assert not set(corrupt["train"]) & {r["img_id"] for r in rows}
 
 
 def test_batches_match_the_processor_for_the_same_image(cfg, tiny_model, processor, table, ray_local):
@@ -136,7 +144,7 @@ def test_batches_match_the_processor_for_the_same_image(cfg, tiny_model, process
     out = _run(cfg, str(tiny_model), 0, None)
     by_id = {r["img_id"]: r for r in table.to_pylist()}
     for img_id in sorted(out)[:5]:
-        want = encode(processor, [decode(by_id[img_id]["image"]["bytes"])], POLICY)
+        want = encode(processor, [prepare_image(decode(by_id[img_id]["image"]["bytes"]), POLICY)], POLICY)
         got = out[img_id]
         np.testing.assert_array_equal(got["input_ids"], want["input_ids"][0])
         np.testing.assert_array_equal(got["mm_token_type_ids"], want["mm_token_type_ids"][0])

@@ -6,8 +6,6 @@ from collections import Counter
 import pyarrow.parquet as pq
 from PIL import Image
 
-from aigd.data import SPLITS, class_counts, metadata
-from aigd.config import DataConfig
 from conftest import SMALL_DEMO
 
 

@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from aigd import config as C
-from aigd import evaluate as E
-from conftest import SERVE_POLICY
+from aigd import report as R
+from aigd import robustness as E
+from conftest import SERVE_POLICY, calibration
 
 
 def _photo(seed=0, size=(160, 120)) -> Image.Image:
@@ -52,15 +53,20 @@ def _scores(n=400, scale=6.0, seed=0):
 
 def test_calibration_lowers_ece_and_is_written_to_the_manifest(tmp_path):
     y, scores = _scores()
+    from aigd.manifest import FORMAT_VERSION, update_calibration
+
     fitted = E.calibration_report(y, scores, ["m"], target_fpr=0.05)["m"]
     assert fitted["temperature"] > 2
-    assert fitted["ece_calibrated"] < 0.5 * fitted["ece_uncalibrated"]
+    assert fitted["ece_after"] < 0.5 * fitted["ece_before"] == 0.5 * fitted["ece_manifest_temperature"]
     p = 1 / (1 + np.exp(-scores["z_fake_m"] / fitted["temperature"]))
-    assert np.mean(p[y == 0] >= fitted["threshold_at_fpr"]) <= 0.05 + 1e-9
-    (tmp_path / "manifest.json").write_text(json.dumps({"calibration": {"temperature": 1.0, "threshold": 0.5}}))
-    E.write_calibration(str(tmp_path), fitted)
+    assert np.mean(p[y == 0] >= fitted["threshold_at_target_fpr"]) <= 0.05 + 1e-9
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION,
+                                                        "calibration": calibration(1.0, 0.5)}))
+    update_calibration(tmp_path, fitted, fitted_by="jobs/evaluate.py")
     cal = json.loads((tmp_path / "manifest.json").read_text())["calibration"]
-    assert cal["temperature"] == fitted["temperature"] and cal["threshold_at_fpr_0.05"] == fitted["threshold_at_fpr"]
+    assert cal["temperature"] == fitted["temperature"] and cal["threshold_at_target_fpr"] == fitted["threshold_at_target_fpr"]
+    assert cal["fitted_by"] == "jobs/evaluate.py" and "ece_manifest_temperature" not in cal  # one schema
 
 
 def test_report_folder_holds_the_pngs_and_the_html_references_them(tmp_path):
@@ -77,7 +83,7 @@ def test_report_folder_holds_the_pngs_and_the_html_references_them(tmp_path):
     assert set(summary["metrics"]["clean"]) == {"m", "m2", "ensemble"}
     lo, hi = summary["metrics"]["clean"]["m"]["roc_auc_ci95"]
     assert lo <= summary["metrics"]["clean"]["m"]["roc_auc"] <= hi
-    report = E.write_report(scores, summary, cfg, {"shortcut_audit": E.shortcut_stats(scores)}, tmp_path)
+    report = R.write_report(scores, summary, cfg, {"shortcut_audit": E.shortcut_stats(scores)}, tmp_path)
     doc = report.read_text()
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     assert pngs == ["confusion.png", "reliability.png", "robustness.png", "roc.png"]
@@ -123,7 +129,8 @@ def test_batch_scorer_writes_a_row_per_image_and_a_reason_per_unreadable_one(tmp
         r = by_name[f"ok{i}.png"]
         assert r["error"] is None and 0 <= r["p_fake"] <= 1 and r["label"] in ("real", "fake")
         assert r["p_fake"] == pytest.approx((r["p_fake_method1"] + r["p_fake_method2"]) / 2)
-        assert r["label"] == ("fake" if r["p_fake"] >= 0.5 else "real")  # mean of thresholds 0.4 and 0.6
+        assert r["threshold"] == pytest.approx(0.5)  # the members' thresholds 0.4 and 0.6, equal weights
+        assert r["label"] == ("fake" if r["p_fake"] >= 0.5 else "real")
 
 
 def test_evaluate_job_scores_the_test_split_and_writes_the_report(tmp_path, tiny_model, adapters, demo_data,
@@ -145,11 +152,16 @@ def test_evaluate_job_scores_the_test_split_and_writes_the_report(tmp_path, tiny
     assert set(metrics["auc_kept_vs_clean"]["method2"]) == {"clean", "jpeg_q50", "equalized"}
     assert set(metrics["shortcut_audit"]) == {"real", "fake"}
     assert json.loads((work / "method1" / "manifest.json").read_text())["calibration"]["fitted_by"] == "jobs/evaluate.py"
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(report.parent / "predictions.parquet").to_pylist()
+    assert len(rows) == 3 * metrics["n_images"] and {"p_fake_ensemble", "label_method1"} <= set(rows[0])
 
 
 def _test_counts(demo_data):
     from aigd.config import DataConfig
-    from aigd.data import class_counts, metadata
+    from aigd.data import class_counts
+    from aigd.sources import metadata
 
     cfg = DataConfig(source="sid_parquet", path=str(demo_data), min_width=112, split_group_sep="/")
     return class_counts(cfg, metadata(cfg))["test"]

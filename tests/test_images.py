@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from aigd.errors import CorruptImage, ImageRejected, ImageTooLarge, UnsupportedMediaType, http_status
-from aigd.images import ImageLimits, decode
+from aigd.config import DecodeLimits
+from aigd.images import decode
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -50,7 +51,7 @@ def test_geometry_limits():
     with pytest.raises(ImageRejected, match="minimum side"):
         decode(_bytes(Image.new("RGB", (10, 64)), "PNG"))
     with pytest.raises(ImageRejected, match="aspect"):
-        decode(_bytes(Image.new("RGB", (3000, 30)), "PNG"), ImageLimits(max_aspect=50))
+        decode(_bytes(Image.new("RGB", (3000, 30)), "PNG"), DecodeLimits(max_aspect=50))
 
 
 def test_modes_are_converted_correctly():

@@ -1,9 +1,11 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from aigd import metrics as M
+from aigd.decision import p_fake
 from aigd.losses import answer_cross_entropy, binary_focal
 
 
@@ -62,7 +64,30 @@ def test_temperature_fit_lowers_ece_of_overconfident_scores():
     z = np.stack([np.zeros_like(d), 6 * d], axis=1)  # six times over-confident
     t = M.fit_temperature(z, y)
     assert 4 < t < 8
-    assert M.ece(y, M.sigmoid_p(z, t)) < M.ece(y, M.sigmoid_p(z)) / 2
+    assert M.ece(y, p_fake(z, t)) < M.ece(y, p_fake(z)) / 2
+    fitted = M.fit_calibration(z, y, target_fpr=0.05)  # the one fit export and evaluation write
+    assert fitted["temperature"] == t and fitted["ece_after"] < fitted["ece_before"] / 2
+    assert np.mean(p_fake(z, t)[y == 0] >= fitted["threshold_at_target_fpr"]) <= 0.05
+
+
+def test_decision_rules_are_the_ones_every_scorer_uses():
+    from aigd.config import EnsembleConfig
+    from aigd.decision import combine, ensemble_answer, ensemble_threshold, label, member_answer
+
+    z = np.array([[0.0, 1.0], [1.0, 0.0]])
+    np.testing.assert_allclose(p_fake(z, 2.0), [1 / (1 + np.exp(-0.5)), 1 / (1 + np.exp(0.5))])
+    assert label(0.5, 0.5) == "fake" and label(0.49, 0.5) == "real"
+    assert list(label(np.array([0.2, 0.7]), 0.6)) == ["real", "fake"]
+    weighted = EnsembleConfig(weights={"a": 3.0})
+    assert combine({"a": 0.8, "b": 0.4}, weighted.weights) == (3 * 0.8 + 0.4) / 4
+    assert ensemble_threshold({"a": 0.4, "b": 0.6}, weighted) == (3 * 0.4 + 0.6) / 4
+    assert ensemble_threshold({"a": 0.4, "b": 0.6}, EnsembleConfig(threshold=0.9)) == 0.9
+    members = {n: member_answer(n, p, t, 1.0, {}) for n, p, t in (("a", 0.8, 0.4), ("b", 0.4, 0.6))}
+    answer = ensemble_answer(members, {}, weighted)
+    assert answer["p_fake"] == pytest.approx(0.7) and answer["threshold"] == pytest.approx(0.45)
+    assert answer["label"] == "fake" and answer["members_used"] == ["a", "b"] and not answer["degraded"]
+    with pytest.raises(ValueError, match="sum to 0"):
+        combine({"a": 1.0}, {"a": 0.0})
 
 
 def test_accuracy_threshold_undoes_a_bias_that_a_temperature_cannot():
@@ -75,3 +100,15 @@ def test_accuracy_threshold_undoes_a_bias_that_a_temperature_cannot():
     assert t > 0.8
     assert binary_metrics(y, p, t)["accuracy"] > binary_metrics(y, p, 0.5)["accuracy"] + 0.2
     assert accuracy_threshold([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 0.5  # ties resolve to the nearest to 0.5
+
+
+def test_optim_loss_names_the_loss_from_one_table():
+    from aigd.config import OptimConfig
+    from aigd.losses import LOSSES, loss_fn
+
+    logits = torch.tensor([[1.0, 2.0, 0.5, -1.0], [0.0, 0.0, 3.0, 1.0]])
+    labels, ids = torch.tensor([0, 1]), (2, 3)
+    assert set(LOSSES) == {"ce", "focal"}
+    assert loss_fn(OptimConfig(loss="ce"))(logits, labels, ids) == answer_cross_entropy(logits, labels, ids)
+    focal = loss_fn(OptimConfig(loss="focal", focal_alpha=0.6, focal_gamma=1.0))(logits, labels, ids)
+    assert focal == binary_focal(logits[:, [2, 3]], labels, 0.6, 1.0)

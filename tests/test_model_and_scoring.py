@@ -1,18 +1,26 @@
 """Tiny model loads offline through the Auto classes; scoring is one forward over two label logits."""
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
-from aigd import prompt, scoring
+from aigd import batching, prompt, scoring
 from aigd.config import ImagePolicy, LoraConfig, ModelConfig
+from aigd.decision import p_fake
 
 POLICY = ImagePolicy(max_pixels=140 * 140, min_pixels=56 * 56)
 
 
 def _images(seed=0):
+    """Prepared (policy-sized) images, as every scorer hands them to the model."""
     rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in ((112, 112), (168, 112), (112, 140))]
+    return [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for w, h in ((112, 112), (168, 112), (112, 140))]
+
+
+def _p(model, batch, ids, temperature=1.0):
+    with torch.no_grad():
+        return p_fake(scoring.pair_logits(scoring.answer_logits(model, batch), ids).numpy(), temperature)
 
 
 def test_tiny_model_loads_offline_with_auto_classes(tiny_model, monkeypatch):
@@ -38,17 +46,17 @@ def test_score_equals_hand_computation_on_logits(tiny_model, processor):
     model = AutoModelForImageTextToText.from_pretrained(tiny_model).eval()
     ids = prompt.label_token_ids(processor.tokenizer)
     img = _images()[0]
-    batch = prompt.model_batch(processor, [img], POLICY)
+    batch = batching.model_batch(processor, [img], POLICY)
     with torch.no_grad():
         inputs = {k: batch[k] for k in scoring.MODEL_INPUTS}
-        inputs["pixel_values"] = prompt.normalize_pixels(batch["pixel_values"], batch["pixel_affine"])
+        inputs["pixel_values"] = batching.normalize_pixels(batch["pixel_values"], batch["pixel_affine"])
         full = model(**inputs).logits[0, -1]
     z_real, z_fake = full[ids[0]].item(), full[ids[1]].item()
     by_hand = np.exp(z_fake) / (np.exp(z_real) + np.exp(z_fake))
-    assert abs(scoring.score_batch(model, batch, ids)[0].item() - by_hand) < 1e-6
+    assert abs(_p(model, batch, ids)[0] - by_hand) < 1e-6
     t = 2.5
     by_hand_t = 1 / (1 + np.exp(-(z_fake - z_real) / t))
-    assert abs(scoring.score_batch(model, batch, ids, temperature=t)[0].item() - by_hand_t) < 1e-6
+    assert abs(_p(model, batch, ids, t)[0] - by_hand_t) < 1e-6
 
 
 def test_left_padded_batch_scores_like_single_images(tiny_model, processor):
@@ -63,32 +71,25 @@ def test_left_padded_batch_scores_like_single_images(tiny_model, processor):
     model.eval()
     ids = prompt.label_token_ids(proc.tokenizer)
     imgs = _images(1)
-    rows = prompt.encode(proc, imgs, POLICY)
-    to_batch = prompt.Collate.of(proc)
-    batched = scoring.score_batch(model, to_batch(rows), ids)
-    single = [scoring.score_batch(model, to_batch({k: [v[i]] for k, v in rows.items()}), ids)[0] for i in range(3)]
+    rows = batching.encode(proc, imgs, POLICY)
+
+    def to_batch(r):
+        return batching.collate(r, proc.tokenizer.pad_token_id, batching.pixel_affine(proc))
+
+    batched = _p(model, to_batch(rows), ids)
+    single = [_p(model, to_batch({k: [v[i]] for k, v in rows.items()}), ids)[0] for i in range(3)]
     assert len({len(x) for x in rows["input_ids"]}) > 1, "test needs prompts of different lengths"
-    assert torch.allclose(batched, torch.stack(single), atol=1e-5)
-
-
-def test_prompt_builder_is_the_one_training_and_serving_use():
-    import aigd.cli
-    import aigd.data
-
-    # the data pipeline (training, evaluation) and the CLI scorer encode through aigd.prompt.encode
-    src = open(aigd.data.__file__).read()
-    assert "from aigd.prompt import encode" in src
-    assert "from aigd.prompt import label_token_ids, model_batch" in open(aigd.cli.__file__).read()
+    np.testing.assert_allclose(batched, single, atol=1e-5)
 
 
 def test_uint8_patches_normalised_at_the_model_equal_the_processors_floats(processor):
-    imgs = [prompt.prepare_image(im, POLICY) for im in _images(1)]
+    imgs = [prompt.prepare_image(Image.fromarray(im), POLICY) for im in _images(1)]
     text = prompt.prompt_text(processor, POLICY)
-    want = processor(text=[text] * len(imgs), images=imgs, return_tensors="pt", padding=True,
-                     padding_side="left")
-    got = prompt.model_batch(processor, imgs, POLICY)
+    want = processor(text=[text] * len(imgs), images=[Image.fromarray(im) for im in imgs], return_tensors="pt",
+                     padding=True, padding_side="left")
+    got = batching.model_batch(processor, imgs, POLICY)
     assert got["pixel_values"].dtype == torch.uint8
-    pixels = prompt.normalize_pixels(got["pixel_values"], got["pixel_affine"])
+    pixels = batching.normalize_pixels(got["pixel_values"], got["pixel_affine"])
     torch.testing.assert_close(pixels, want["pixel_values"].float(), atol=1e-5, rtol=0)
     torch.testing.assert_close(got["input_ids"], want["input_ids"])
     torch.testing.assert_close(got["attention_mask"], want["attention_mask"])
@@ -99,11 +100,11 @@ def test_image_policy_keeps_aspect_on_the_28px_grid():
     w, h = prompt.target_size(1024, 1024, ImagePolicy(max_pixels=512 * 512))
     assert w == h and w % 28 == 0 and w * h <= 512 * 512
     assert prompt.target_size(112, 140, POLICY) == (112, 140)  # on-grid, in budget: untouched
+    with pytest.raises(ValueError, match="prepared"):  # the model only ever sees policy-sized images
+        batching.encode(None, [np.zeros((100, 100, 3), np.uint8)], POLICY)
 
 
 def test_unavailable_backend_says_what_is_missing():
-    import pytest
-
     from aigd.errors import BackendUnavailable
     from aigd.model import resolve_backend
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import socket
 import struct
 import zlib
@@ -30,7 +31,8 @@ def _config(tiny_model, adapters: dict, **changes) -> dict:
         "model": {"name_or_path": str(tiny_model), "load_in_4bit": False, "gradient_checkpointing": False},
         "image": dict(SERVE_POLICY),
         "adapters": {k: str(v) for k, v in adapters.items()},
-        "limits": {"max_body_mb": 1.0, "min_side": 28, "max_aspect": 50.0},
+        "limits": {"min_side": 28, "max_aspect": 50.0},
+        "request": {"max_body_mb": 1.0},
         "detector": {"num_cpus": 0.25, "max_batch_size": 8, "batch_wait_timeout_s": 0.05},
         "router": {"num_cpus": 0.05},
     }
@@ -69,11 +71,12 @@ def server(ray_local, tiny_model, adapters):
 @pytest.fixture(scope="module")
 def library(tiny_model, adapters):
     """The same detector in this process: what the HTTP answers must equal."""
-    from aigd.config import ImagePolicy, ModelConfig
-    from aigd.detector import Detector
+    from aigd.config import ImagePolicy, ModelConfig, ScoringConfig
+    from aigd.scorer import Scorer
 
-    return Detector(ModelConfig(name_or_path=str(tiny_model), load_in_4bit=False, gradient_checkpointing=False),
-                    ImagePolicy(**SERVE_POLICY), {k: str(adapters[k]) for k in ("method1", "method2")})
+    return Scorer(ScoringConfig(model=ModelConfig(name_or_path=str(tiny_model), load_in_4bit=False),
+                                image=ImagePolicy(**SERVE_POLICY),
+                                adapters={k: str(adapters[k]) for k in ("method1", "method2")}))
 
 
 def _photo(seed: int, size=(150, 120)) -> Image.Image:
@@ -89,10 +92,9 @@ def _bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
 
 
 def _library_p(library, data: bytes, adapter: str) -> float:
-    from aigd.images import decode
-    from aigd.prompt import prepare_image
+    from aigd.config import DecodeLimits
 
-    return float(library.score([prepare_image(decode(data), library.policy)], adapter)[0])
+    return float(library.p_fake([library.prepare(data, DecodeLimits())], adapter)[0])
 
 
 def _post(url: str, data: bytes, **kw) -> requests.Response:
@@ -238,7 +240,7 @@ def test_batch_reports_errors_per_image(server):
 def test_degraded_member_policy(server, library):
     data = _bytes(_photo(3))
     ready = requests.get(f"{server}/degrade/readyz", timeout=30).json()
-    assert ready["adapters"] == ["method1"] and "image_policy.max_pixels" in ready["unavailable"]["mismatched"]
+    assert ready["adapters"] == ["method1"] and ready["unavailable"] == ["mismatched"]
     body = _post(f"{server}/degrade/v1/ensemble", data).json()
     assert body["degraded"] is True and body["members_used"] == ["method1"]
     assert "mismatched" in body["members_failed"]
@@ -265,7 +267,8 @@ def test_overload_is_answered_503_with_retry_after_not_a_timeout(server):
 def test_models_docs_and_health(server, adapters):
     models = requests.get(f"{server}/main/v1/models", timeout=30).json()
     assert sorted(models["adapters"]) == ["method1", "method2"]
-    assert models["adapters"]["method2"]["manifest"]["method"] == "method2"
+    assert models["adapters"]["method2"]["method"] == "method2"
+    assert str(adapters["method2"]) not in json.dumps(models)  # no server paths in answers
     assert models["ensemble"]["weights"] == {"method1": 3.0, "method2": 1.0}
     assert requests.get(f"{server}/main/healthz", timeout=30).json() == {"status": "ok"}
     assert "/v1/detect" in requests.get(f"{server}/main/openapi.json", timeout=30).json()["paths"]
@@ -273,10 +276,10 @@ def test_models_docs_and_health(server, adapters):
 
 
 def test_adapter_with_a_mismatching_manifest_is_refused(tiny_model, adapters):
-    from aigd.config import ImagePolicy, ModelConfig
-    from aigd.detector import Detector
+    from aigd.config import ImagePolicy, ModelConfig, ScoringConfig
     from aigd.errors import ManifestMismatch
+    from aigd.scorer import Scorer
 
     with pytest.raises(ManifestMismatch, match="image_policy.max_pixels"):
-        Detector(ModelConfig(name_or_path=str(tiny_model), load_in_4bit=False), ImagePolicy(**SERVE_POLICY),
-                 {"mismatched": str(adapters["mismatched"])})
+        Scorer(ScoringConfig(model=ModelConfig(name_or_path=str(tiny_model), load_in_4bit=False),
+                             image=ImagePolicy(**SERVE_POLICY), adapters={"mismatched": str(adapters["mismatched"])}))

@@ -1,5 +1,7 @@
-"""Training: LoRA-only updates, the Ray Train recipes end to end, exact resume, worker restart."""
+"""Training: LoRA-only updates, the shared loop end to end through both recipes (exact resume with
+cross-entropy, worker restart with focal loss), and the rules the GPU cluster path depends on."""
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -7,33 +9,37 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from aigd import config as C
+from aigd import loop as L
 from aigd import train as T
+from aigd.batching import collate, encode, pixel_affine
 from aigd.config import ImagePolicy, LoraConfig, ModelConfig, OptimConfig
 from aigd.losses import binary_focal
 from aigd.model import load_for_training
-from aigd.prompt import Collate, encode, label_token_ids
+from aigd.prompt import label_token_ids
 from aigd.scoring import answer_logits, pair_logits
+from conftest import corrupt_by_split
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_lora_weights_change_and_base_weights_stay_bit_identical(tiny_model):
     import numpy as np
-    from PIL import Image
 
-    model, proc, _ = load_for_training(ModelConfig(name_or_path=str(tiny_model), load_in_4bit=False,
-                                                   gradient_checkpointing=False), LoraConfig(), torch.device("cpu"))
+    model, proc, base = load_for_training(ModelConfig(name_or_path=str(tiny_model), load_in_4bit=False,
+                                                      gradient_checkpointing=False), LoraConfig(), torch.device("cpu"))
+    assert base["backend"] == "hf" and base["quantization"] is None and base["layout"]
     base0 = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     lora0 = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert lora0 and all("lora_" in n for n in lora0)
     assert any(".visual." in n for n in lora0) and any("language_model" in n for n in lora0)
     assert not any("merger" in n or "lm_head" in n for n in lora0)
     rng = np.random.default_rng(0)
-    imgs = [Image.fromarray(rng.integers(0, 255, (112, 112, 3), dtype=np.uint8)) for _ in range(4)]
+    imgs = [rng.integers(0, 255, (112, 112, 3), dtype=np.uint8) for _ in range(4)]
     rows = encode(proc, imgs, ImagePolicy(max_pixels=112 * 112))
     rows["label"] = [0, 1, 0, 1]
-    batch = Collate.of(proc)(rows)
-    opt, sched = T.make_optimizer(model, OptimConfig(lr=1e-3, warmup_ratio=0.0), 10)
+    batch = collate(rows, proc.tokenizer.pad_token_id, pixel_affine(proc))
+    opt, sched = L.make_optimizer(model, OptimConfig(lr=1e-3, warmup_ratio=0.0), 10)
     ids = label_token_ids(proc.tokenizer)
     for _ in range(3):
         loss = binary_focal(pair_logits(answer_logits(model, batch), ids), batch["label"])
@@ -52,13 +58,14 @@ def test_lora_weights_change_and_base_weights_stay_bit_identical(tiny_model):
 def _args(tiny_model, demo_data, tmp, name, *extra, config="configs/demo_method1.yaml"):
     return ["--config", str(ROOT / config), f"model.name_or_path={tiny_model}", f"data.path={demo_data}",
             f"run.storage_path={tmp}/runs", f"run.name={name}", f"run.export_dir={tmp}/adapters/{name}",
-            "optim.batch_size=8", "optim.log_every=5", "optim.eval_every=1000", "data.preserve_order=true",
+            "optim.batch_size=8", "optim.log_every=5", "optim.eval_every_samples=100000", "data.preserve_order=true",
             *extra]
 
 
 def _latest(storage: Path) -> Path:
     ckpts = [p for p in storage.glob("checkpoint_*") if p.is_dir()]
-    return max(ckpts, key=lambda p: json.loads((p / "loop_state.json").read_text())["global_step"])
+    return max(ckpts, key=lambda p: (json.loads((p / "loop_state.json").read_text())["global_step"],
+                                     (p / "adapter").exists()))
 
 
 ONE_WORKER = ("scaling.num_workers=1", "scaling.cpus_per_worker=1.0", "optim.epochs=2")
@@ -69,11 +76,16 @@ def test_resume_after_a_crash_gives_bit_identical_adapter(tiny_model, demo_data,
 
     out = train_method1.main(_args(tiny_model, demo_data, tmp_path, "straight", *ONE_WORKER))
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["method"] == "method1" and manifest["base_fingerprint"]
+    assert manifest["method"] == "method1" and manifest["base"]["fingerprint"] and manifest["training"]["loss"] == "ce"
     assert manifest["calibration"]["temperature"] > 0 and (out / "adapter_model.safetensors").exists()
     straight = _latest(tmp_path / "runs" / "straight")
-    history = json.loads((straight / "loop_state.json").read_text())["history"]
+    state = json.loads((straight / "loop_state.json").read_text())
+    history = state["history"]
+    assert state["finished"] and (straight / "adapter").exists()  # the final checkpoint holds the export
     assert len(history) == 2 and history[1]["loss"] < history[0]["loss"]  # training loss falls
+    # calibrated on the WHOLE val split, with the best weights
+    n_val = sum(manifest["data"]["class_counts"]["val"]) - len(corrupt_by_split(demo_data)["val"])
+    assert manifest["calibration"]["n"] == manifest["val_metrics"]["n"] == n_val
     steps = json.loads((straight / "loop_state.json").read_text())["global_step"] // 2
     # crash one step into epoch 2, with no retries: the run fails after its epoch-1 checkpoint
     with pytest.raises(Exception, match="injected failure"):
@@ -84,37 +96,145 @@ def test_resume_after_a_crash_gives_bit_identical_adapter(tiny_model, demo_data,
     resumed = _latest(tmp_path / "runs" / "resumed")
     a, b = load_file(str(straight / "trainable.safetensors")), load_file(str(resumed / "trainable.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    sa = torch.load(straight / "training_state.pt", weights_only=False)
-    sb = torch.load(resumed / "training_state.pt", weights_only=False)
+    sa = torch.load(straight / "training_state.pt", weights_only=True)
+    sb = torch.load(resumed / "training_state.pt", weights_only=True)
     assert sa["scheduler"] == sb["scheduler"]
+    best_a, best_b = load_file(str(straight / "best.safetensors")), load_file(str(resumed / "best.safetensors"))
+    assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
 
 
 def test_two_workers_restart_from_checkpoint_after_worker_failure(tiny_model, demo_data, tmp_path, ray_local):
     import train_method2
 
     out = train_method2.main(_args(tiny_model, demo_data, tmp_path, "faulty", "optim.epochs=2",
-                                   "optim.eval_every=5", "optim.fail_at_step=8", "run.max_failures=1",
-                                   config="configs/demo_method2.yaml"))
+                                   "optim.eval_every_samples=80", "optim.fail_at_step=8", "run.max_failures=1",
+                                   "optim.eval_samples=20", config="configs/demo_method2.yaml"))
     last = json.loads((_latest(tmp_path / "runs" / "faulty") / "loop_state.json").read_text())
     plan_steps = last["global_step"]
     assert last["epoch"] == 2 and plan_steps > 8  # finished both epochs after the restart
     steps_seen = [h["step"] for h in last["history"]]
     assert steps_seen == sorted(set(steps_seen))  # restored step counter: no step trained twice
+    # evaluated every 80 samples (2 workers x batch 8 x 5 steps) on the fixed 20-image subset
+    val_n = {h["val_n"] for h in last["history"]}
+    assert steps_seen[:2] == [5, 10] and len(val_n) == 1 and 18 <= val_n.pop() <= 20  # (minus corrupt ones)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["method"] == "method2" and manifest["training"]["loss"] == "focal"
 
 
-def test_manifest_mismatch_is_refused(tmp_path):
+def test_manifest_refuses_another_base_or_policy(tmp_path):
     from aigd.errors import ManifestMismatch
     from aigd.manifest import check_compatible, read_manifest
 
     with pytest.raises(ManifestMismatch, match="safetensors"):
         read_manifest(tmp_path)
-    manifest = {"format_version": 1, "base_fingerprint": "abc", "base_model": "x",
-                "image_policy": {"prompt": "Real/Fake?", "prompt_version": "v1", "max_pixels": 100, "min_pixels": 1}}
+    nf4 = {"quant_method": "bitsandbytes", "bnb_4bit_quant_type": "nf4", "llm_int8_skip_modules": ["lm_head"]}
+    trained = {"checkpoint": "unsloth/Qwen2.5-VL-7B-Instruct-unsloth-bnb-4bit", "revision": None, "backend": "unsloth",
+               "fingerprint": "abc", "layout": "L1", "quantization": {**nf4, "llm_int8_skip_modules": ["merger"]}}
+    manifest = {"base": trained, "image_policy": {"prompt": "Real/Fake?", "prompt_version": "v1", "max_pixels": 100,
+                                                  "min_pixels": 1}}
     policy = ImagePolicy(max_pixels=100, min_pixels=1)
-    check_compatible(manifest, "abc", policy)
+    check_compatible(manifest, {**trained, "backend": "hf"}, policy)  # same checkpoint through transformers
+    plain_nf4 = {"checkpoint": "Qwen/Qwen2.5-VL-7B-Instruct", "revision": None, "backend": "hf",
+                 "fingerprint": "abc", "layout": "L2", "quantization": nf4}
+    with pytest.raises(ManifestMismatch) as e:
+        check_compatible(manifest, plain_nf4, policy)
+    for both in ("unsloth/Qwen2.5-VL-7B-Instruct-unsloth-bnb-4bit", "Qwen/Qwen2.5-VL-7B-Instruct", "quantized"):
+        assert both in str(e.value)
     with pytest.raises(ManifestMismatch, match="fingerprint"):
-        check_compatible(manifest, "other", policy)
+        check_compatible(manifest, {**trained, "fingerprint": "other"}, policy)
     with pytest.raises(ManifestMismatch, match="max_pixels"):
-        check_compatible(manifest, "abc", ImagePolicy(max_pixels=200, min_pixels=1))
+        check_compatible(manifest, trained, ImagePolicy(max_pixels=200, min_pixels=1))
+
+
+# --------------------------------------------------------------------------- rules of the GPU cluster path
+
+
+def test_collectives_get_cpu_tensors_and_gpu_runs_add_gloo_beside_nccl():
+    """NCCL refuses CPU tensors; the loop's own collectives (validation gather, fed counts) use CPU
+    tensors, so a GPU process group must carry gloo for them."""
+    assert T.dist_backend(C.ScalingConfig(use_gpu=True)) == "cpu:gloo,cuda:nccl"
+    assert T.dist_backend(C.ScalingConfig(use_gpu=False)) == "gloo"
+    assert T.dist_backend(C.ScalingConfig(use_gpu=True, backend="gloo")) == "gloo"  # ranks sharing one GPU
+    with pytest.raises(C.ConfigError, match="not one of"):
+        C.load(C.TrainJobConfig, None, ["scaling.backend=nccl"])
+
+
+def _gather_worker(rank: int, world: int, port: int, out) -> None:
+    import numpy as np
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    seen = []
+    real = dist.all_gather
+    dist.all_gather = lambda tensors, t, *a, **k: (seen.append(t.device.type), real(tensors, t, *a, **k))[1]
+    rows = np.column_stack([np.arange(rank, 7, world) * 1.0, np.full((len(range(rank, 7, world)), 3), rank)])
+    got = L.merge_shares(L.gather_rows(rows, world))
+    out.put((rank, got[:, 0].tolist(), sorted(set(seen))))
+    dist.destroy_process_group()
+
+
+def test_validation_gather_over_a_real_process_group_with_uneven_shares():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_gather_worker, args=(r, 2, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(60)
+    for _, order, devices in results:
+        assert order == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]  # rank 0 held 4 rows, rank 1 held 3
+        assert devices == ["cpu"]
+
+
+def test_sharded_validation_equals_the_unsharded_result(tiny_model, monkeypatch):
+    import numpy as np
+
+    model, proc, _ = load_for_training(ModelConfig(name_or_path=str(tiny_model), load_in_4bit=False,
+                                                   gradient_checkpointing=False), LoraConfig(), torch.device("cpu"))
+    rng = np.random.default_rng(1)
+    ids = label_token_ids(proc.tokenizer)
+    policy = ImagePolicy(max_pixels=112 * 112)
+    batches = []
+    for b in range(5):  # 5 batches of 3: rank 0 gets 3 of them, rank 1 gets 2
+        rows = encode(proc, [rng.integers(0, 255, (112, 112, 3), dtype=np.uint8) for _ in range(3)], policy)
+        rows["label"] = [b % 2, 1, 0]
+        batches.append(collate(rows, proc.tokenizer.pad_token_id, pixel_affine(proc)))
+    amp = contextlib.nullcontext()
+    whole = L.validate(model, batches, ids, rank=0, world=1, amp=amp)
+    shares = []
+
+    def keep_own_share(rows, world):  # what each rank contributes to the gather
+        shares.append(rows)
+        return [rows]
+
+    monkeypatch.setattr(L, "gather_rows", keep_own_share)
+    for rank in (0, 1):
+        L.validate(model, batches, ids, rank=rank, world=2, amp=amp)
+    merged = L.merge_shares([shares[0], shares[1]])
+    assert len(shares[0]) == 9 and len(shares[1]) == 6
+    np.testing.assert_array_equal(merged[:, 1:3], whole["pair_logits"])
+    np.testing.assert_array_equal(merged[:, 3], whole["labels"])
+
+
+def test_a_multi_node_run_refuses_storage_that_only_one_node_sees():
+    local = C.load(C.TrainJobConfig, None, ["run.storage_path=/tmp/runs", "data.source=sid_parquet",
+                                            "data.path=/data/sid"])
+    T.check_storage(local, n_nodes=1)  # one machine: local is fine
+    with pytest.raises(C.ConfigError, match="AIGD_STORAGE=s3://") as e:
+        T.check_storage(local, n_nodes=2)
+    assert "run.storage_path=/tmp/runs" in str(e.value) and "data.path=/data/sid" in str(e.value)
+    with pytest.raises(C.ConfigError, match="data.source=hub"):
+        T.check_storage(C.replace(local, data=C.DataConfig(source="hub")), n_nodes=3)
+    remote = C.load(C.TrainJobConfig, None, ["run.storage_path=s3://b/runs", "data.source=sid_parquet",
+                                             "data.path=gs://b/sid"])
+    T.check_storage(remote, n_nodes=4)
+    T.check_storage(C.load(C.TrainJobConfig, None, ["run.storage_path=/nfs/runs", "data.path=/nfs/sid",
+                                                    "run.shared_storage=true"]), n_nodes=4)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from aigd import config as C
+from aigd.errors import AigdError
 
 
 def _tiny(args) -> None:
@@ -25,36 +26,33 @@ def _demo_data(args) -> None:
     print((out / "DEMO_DATA.json").read_text())
 
 
-def _score(args) -> None:
-    """Score image files with the base model (+ optional adapter): one forward pass per batch."""
-    import torch
-
-    from aigd.images import decode
+def scoring_config(adapters: list[str], model: str | None, build_tiny: bool = False) -> C.ScoringConfig:
+    """A ScoringConfig from adapter folders alone: the base, its revision and quantization and the
+    image policy come from their manifests, so nothing is re-typed (`--model` picks another copy)."""
     from aigd.manifest import read_manifest
-    from aigd.model import load_base
-    from aigd.prompt import label_token_ids, model_batch
-    from aigd.scoring import score_batch
 
-    model_cfg = C.ModelConfig(name_or_path=args.model, load_in_4bit=False, build_tiny=args.build_tiny)
-    policy = C.load(C.ImagePolicy, None, args.image)
-    model, processor, _ = load_base(model_cfg, torch.device("cpu"), training=False)
-    temperature = 1.0
-    if args.adapter:
-        from peft import PeftModel
+    named = dict(a.split("=", 1) if "=" in a else (Path(a).name, a) for a in adapters)
+    base = read_manifest(next(iter(named.values())))["base"]
+    model_cfg = C.ModelConfig(name_or_path=model or base["name_or_path"], revision=base.get("revision"),
+                              load_in_4bit=base.get("quantization") is not None,
+                              build_tiny=build_tiny)
+    return C.ScoringConfig(model=model_cfg, adapters=named)
 
-        temperature = read_manifest(args.adapter)["calibration"]["temperature"]
-        model = PeftModel.from_pretrained(model, args.adapter)
-    model.eval()
-    label_ids = label_token_ids(processor.tokenizer)
+
+def _score(args) -> None:
+    """Print one JSON answer per image file, the same answer the HTTP API gives."""
+    from aigd.scorer import Scorer
+
+    cfg = scoring_config(args.adapter, args.model, args.build_tiny)
+    scorer = Scorer(cfg)
+    limits = C.DecodeLimits.preset("batch")
     for path in args.images:
         try:
-            img = decode(Path(path).read_bytes())
-        except Exception as e:
-            print(json.dumps({"image": path, "error": str(e)}))
+            answer = scorer.answers([scorer.prepare(Path(path).read_bytes(), limits)], cfg.ensemble)[0]
+        except (AigdError, OSError) as e:
+            print(json.dumps({"image": path, "error": {"code": getattr(e, "code", "unreadable"), "message": str(e)}}))
             continue
-        batch = model_batch(processor, [img], policy)
-        p = float(score_batch(model, batch, label_ids, temperature)[0])
-        print(json.dumps({"image": path, "label": "fake" if p >= 0.5 else "real", "p_fake": round(p, 4)}))
+        print(json.dumps({"image": path, **answer}))
 
 
 def _score_batch(args) -> None:
@@ -76,11 +74,11 @@ def main(argv=None) -> None:
     d.add_argument("--config", default=None)
     d.add_argument("overrides", nargs="*")
     d.set_defaults(fn=_demo_data)
-    s = sub.add_parser("score", help="print a verdict and P(fake) per image file")
-    s.add_argument("--model", required=True)
-    s.add_argument("--adapter", default=None)
-    s.add_argument("--build-tiny", action="store_true")
-    s.add_argument("--image", action="append", default=[], help="image policy override, e.g. max_pixels=19600")
+    s = sub.add_parser("score", help="print a verdict and P(fake) per image file (JSON lines)")
+    s.add_argument("--adapter", action="append", required=True,
+                   help="exported adapter folder, or NAME=FOLDER; repeat for an ensemble")
+    s.add_argument("--model", default=None, help="the base's folder (default: the one in the adapter's manifest)")
+    s.add_argument("--build-tiny", action="store_true", help=argparse.SUPPRESS)
     s.add_argument("images", nargs="+")
     s.set_defaults(fn=_score)
     b = sub.add_parser("score-batch", help="score a folder or parquet into parquet/JSONL, one row per image")
@@ -95,6 +93,8 @@ def main(argv=None) -> None:
         args.fn(args)
     except C.ConfigError as e:
         sys.exit(f"config error: {e}")
+    except AigdError as e:
+        sys.exit(f"{e.code}: {e}")
 
 
 if __name__ == "__main__":

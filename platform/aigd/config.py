@@ -35,6 +35,8 @@ class ModelConfig:
     load_in_4bit: bool = True
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     gradient_checkpointing: bool = True
+    # auto: flash_attention_2 where CUDA and the flash-attn package exist, else sdpa.
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
     build_tiny: bool = False
 
 
@@ -101,7 +103,7 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    loss: Literal["ce", "focal"] = "ce"
+    loss: Literal["ce", "focal"] = "ce"  # aigd.losses.LOSSES
     focal_alpha: float = 0.75
     focal_gamma: float = 2.0
     lr: float = 1e-4
@@ -113,8 +115,12 @@ class OptimConfig:
     grad_accum: int = 5
     grad_clip: float = 1.0
     max_steps: Optional[int] = None
-    eval_every: int = 10
-    early_stop_patience: int = 3
+    # In-loop validation: a fixed, class-stratified subset of the val split (None: all of it),
+    # sharded across ranks, every `eval_every_samples` training samples and at each epoch end.
+    # The exported calibration is fitted on the whole val split once, after training.
+    eval_samples: Optional[int] = 2000
+    eval_every_samples: int = 20_000
+    early_stop_patience: Optional[int] = None  # evaluations without a better val AUC; None: never stop early
     log_every: int = 10
     seed: int = 3407
     fail_at_step: Optional[int] = None  # fault-injection for the restart test; never set in real configs
@@ -126,13 +132,19 @@ class ScalingConfig:
     use_gpu: bool = True
     cpus_per_worker: float = 4.0
     gpus_per_worker: float = 1.0
-    data_cpus: Optional[float] = None  # CPU budget Ray Data may use for preprocessing
+    # auto: "cpu:gloo,cuda:nccl" on GPUs (the loop's own collectives use CPU tensors, which go through
+    # gloo), gloo on CPUs. gloo alone when several ranks share one GPU (NCCL refuses that). NCCL
+    # alone is not offered: it refuses CPU tensors.
+    backend: Literal["auto", "gloo", "cpu:gloo,cuda:nccl"] = "auto"
 
 
 @dataclass(frozen=True)
 class RunConfig:
     name: str = "method1"
-    storage_path: str = "${AIGD_HOME:-~/.cache/aigd}/runs"
+    # Checkpoints. A cluster of more than one node needs storage every node reaches: s3://, gs://,
+    # or a shared mount declared with shared_storage: true. AIGD_STORAGE names it once for all configs.
+    storage_path: str = "${AIGD_STORAGE:-${AIGD_HOME:-~/.cache/aigd}/runs}"
+    shared_storage: bool = False  # storage_path is a local path mounted on every node (NFS, Lustre)
     export_dir: str = "${AIGD_HOME:-~/.cache/aigd}/adapters/method1"
     num_to_keep: int = 2
     max_failures: int = 1
@@ -140,7 +152,6 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class TrainJobConfig:
-    method: Literal["method1", "method2"] = "method1"
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     image: ImagePolicy = field(default_factory=ImagePolicy)
@@ -193,33 +204,49 @@ class EnsembleConfig:
 
 
 @dataclass(frozen=True)
-class InputLimits:
-    max_body_mb: float = 20.0
-    max_pixels: int = 40_000_000  # checked on the header, below Pillow's own bomb guard
+class DecodeLimits:
+    """What an image may be before it is decoded; checked on the header (aigd.images)."""
+
+    max_pixels: int = 40_000_000  # below Pillow's own bomb guard
     min_side: int = 28
     max_aspect: float = 50.0  # Qwen's processor raises above 200
+
+    @classmethod
+    def preset(cls, name: Literal["serving", "batch", "training"], max_pixels: int | None = None) -> "DecodeLimits":
+        """serving and batch scoring refuse odd geometry; training data is filtered by width first and
+        only guarded against bombs, so a dataset's thin banners still count as rows, not errors."""
+        base = {"serving": cls(), "batch": cls(), "training": cls(min_side=1, max_aspect=1e9)}[name]
+        return base if max_pixels is None else dataclasses.replace(base, max_pixels=max_pixels)
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    max_body_mb: float = 20.0
     max_batch_images: int = 16
 
 
 @dataclass(frozen=True)
-class ServeConfig:
+class ScoringConfig:
+    """What scoring needs, shared by serving, evaluation, batch scoring and `aigd score`."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
-    image: ImagePolicy = field(default_factory=ImagePolicy)
+    image: Optional[ImagePolicy] = None  # None: the policy the adapters were trained with (their manifests)
     adapters: dict[str, str] = field(default_factory=dict)  # name -> exported adapter folder
     thresholds: dict[str, float] = field(default_factory=dict)  # name -> decision threshold (default: manifest)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
-    limits: InputLimits = field(default_factory=InputLimits)
+
+
+@dataclass(frozen=True)
+class ServeConfig(ScoringConfig):
+    limits: DecodeLimits = field(default_factory=DecodeLimits)
+    request: RequestLimits = field(default_factory=RequestLimits)
     detector: DetectorDeploymentConfig = field(default_factory=DetectorDeploymentConfig)
     router: RouterDeploymentConfig = field(default_factory=RouterDeploymentConfig)
     retry_after_s: int = 1
 
 
 @dataclass(frozen=True)
-class EvalConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    image: ImagePolicy = field(default_factory=ImagePolicy)
-    adapters: dict[str, str] = field(default_factory=dict)  # name -> exported adapter folder
-    ensemble_weights: dict[str, float] = field(default_factory=dict)  # missing names weigh 1
+class EvalConfig(ScoringConfig):
     data: DataConfig = field(default_factory=DataConfig)
     split: Literal["train", "val", "test", "all"] = "test"
     # clean, jpeg_q<Q>, downscale_<F>, center_crop_<F>, equalized (square crop + one JPEG format)
@@ -230,7 +257,8 @@ class EvalConfig:
     calibrate: bool = False  # refit temperature + threshold on the val split, write them into manifests
     target_fpr: float = 0.05
     batch_size: int = 16
-    scorers: int = 1  # actors holding a model copy
+    decode_cpus: float = 1.0  # per task that decodes an image and makes its perturbed copies
+    scorers: int = 1  # actors holding a model copy (a Scorer: base + every adapter)
     scorer_cpus: float = 1.0
     scorer_gpus: float = 0.0
     out_dir: str = "${AIGD_HOME:-~/.cache/aigd}/eval"
@@ -250,11 +278,11 @@ class DemoDataConfig:
 # --------------------------------------------------------------------------- loading
 
 
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^${}]*))?\}")
 
 
 def expand(value: str) -> str:
-    """`${VAR}` / `${VAR:-default}` and `~`: lets one config name absolute paths on any machine."""
+    """`${VAR}` / `${VAR:-default}` (defaults may nest) and `~`: one config names paths on any machine."""
 
     def sub(m: re.Match) -> str:
         name, default = m.group(1), m.group(2)
@@ -264,7 +292,10 @@ def expand(value: str) -> str:
             raise ConfigError(f"environment variable {name} is not set and has no default")
         return default
 
-    return os.path.expanduser(_ENV.sub(sub, value))
+    while True:  # innermost first, so `${A:-${B:-x}/y}` works
+        value, n = _ENV.subn(sub, value)
+        if not n:
+            return os.path.expanduser(value)
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -332,11 +363,21 @@ def _build(cls: type, raw: dict, prefix: str = ""):
         raise ConfigError(f"unknown key(s) {', '.join(prefix + k for k in unknown)} for {cls.__name__}")
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in raw.items()}
     obj = cls(**kwargs)
-    # defaults pass through the same expansion as given values
     for f in dataclasses.fields(cls):
-        if f.name not in raw and hints[f.name] is str:
-            object.__setattr__(obj, f.name, expand(getattr(obj, f.name)))
+        if f.name not in raw:
+            _expand_defaults(obj, f.name, hints[f.name])
     return obj
+
+
+def _expand_defaults(obj, name: str, tp) -> None:
+    """Defaults pass through the same `${VAR}` expansion as given values, in absent sections too."""
+    value = getattr(obj, name)
+    if tp is str:
+        object.__setattr__(obj, name, expand(value))
+    elif dataclasses.is_dataclass(value):
+        hints = typing.get_type_hints(type(value))
+        for f in dataclasses.fields(value):
+            _expand_defaults(value, f.name, hints[f.name])
 
 
 def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
@@ -359,14 +400,23 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def load(cls: type, path: str | Path | None = None, overrides: list[str] = ()):
-    """Build `cls` from a YAML file (optional) plus dotted overrides; raises ConfigError."""
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load(cls: type, path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None):
+    """Build `cls` from `base` (a recipe's preset), a YAML file and dotted overrides, each on top
+    of the one before; raises ConfigError."""
     raw: dict = {}
     if path is not None:
         text = Path(path).read_text()
         raw = yaml.safe_load(text) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
+    raw = _merge(base or {}, raw)
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(raw, key, value)
     return _build(cls, raw)

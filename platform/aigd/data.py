@@ -13,29 +13,26 @@ import hashlib
 import io
 import logging
 from functools import lru_cache
-from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+from ray.data.collate_fn import NumpyBatchCollateFn
 
-from aigd.config import AugmentConfig, DataConfig, ImagePolicy
+from aigd.batching import collate, encode, pixel_affine
+from aigd.config import AugmentConfig, DataConfig, DecodeLimits, ImagePolicy
 from aigd.errors import AigdError
-from aigd.images import ImageLimits, decode
+from aigd.images import decode
+from aigd.prompt import prepare_image, target_size
+from aigd.sources import DataError, image_bytes, read_source
 
 log = logging.getLogger(__name__)
 
-CLASS_NAMES = ("real", "fake")
 SPLITS = ("train", "val", "test")
-META_COLUMNS = ["img_id", "width", "height", "label"]
 ROWS_PER_TASK = 32
 # Reading and metadata filtering are short bursts; at a full CPU each they would hold back a
 # preprocessing task (the stage that does the work) whenever they run.
 LIGHT_STAGE_CPUS = 0.1
-
-
-class DataError(ValueError):
-    pass
 
 
 # --------------------------------------------------------------------------- hashing
@@ -83,119 +80,6 @@ def keep_mask(labels, widths, heights, cfg: DataConfig) -> np.ndarray:
     return (cls >= 0) & (np.asarray(widths) >= cfg.min_width) & (np.asarray(heights) >= cfg.min_height)
 
 
-# --------------------------------------------------------------------------- sources
-
-
-def _parquet_files(path: str) -> list[str]:
-    p = Path(path)
-    if p.is_file():
-        return [str(p)]
-    files = sorted(str(f) for f in p.rglob("*.parquet"))
-    if not files:
-        raise DataError(f"no parquet shards under {path}")
-    return files
-
-
-def resolve_source(cfg: DataConfig) -> DataConfig:
-    """`hub` becomes a local parquet folder (downloaded once); offline, a clear error says what to do."""
-    import dataclasses
-    import os
-
-    if cfg.source != "hub":
-        if not Path(cfg.path).exists():
-            raise DataError(f"data.path {cfg.path!r} does not exist (source {cfg.source})")
-        return cfg
-    hint = (f"download it where the network allows: `huggingface-cli download {cfg.path} --repo-type dataset "
-            f"--local-dir DIR`, then set data.source=sid_parquet data.path=DIR")
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise DataError(f"data.source=hub but HF_HUB_OFFLINE=1: {hint}")
-    try:
-        from huggingface_hub import snapshot_download
-
-        local = snapshot_download(cfg.path, repo_type="dataset", allow_patterns=["*.parquet"])
-    except Exception as e:
-        raise DataError(f"cannot reach the hub for {cfg.path} ({type(e).__name__}): {hint}") from None
-    return dataclasses.replace(cfg, source="sid_parquet", path=local)
-
-
-def _image_folder_table(path: str) -> pa.Table:
-    from PIL import Image
-
-    rows = {"img_id": [], "path": [], "width": [], "height": [], "label": []}
-    for label, sub in ((0, "real"), (1, "fake")):
-        for f in sorted((Path(path) / sub).rglob("*")):
-            if not f.is_file():
-                continue
-            try:
-                with Image.open(f) as im:  # header only
-                    w, h = im.size
-            except Exception:
-                w = h = 0  # unreadable: kept so the decode stage counts it
-            rows["img_id"].append(str(f.relative_to(path)))
-            rows["path"].append(str(f))
-            rows["width"].append(w)
-            rows["height"].append(h)
-            rows["label"].append(label)
-    if not rows["img_id"]:
-        raise DataError(f"image folder {path} has no files under real/ or fake/")
-    return pa.table(rows)
-
-
-def metadata(cfg: DataConfig) -> pa.Table:
-    """img_id/width/height/label for every row, without reading image bytes."""
-    if cfg.source == "sid_parquet":
-        table = pq.ParquetDataset(_parquet_files(cfg.path)).read(columns=META_COLUMNS)
-    elif cfg.source == "hf_disk":
-        table = _hf_disk_table(cfg.path).select(META_COLUMNS)
-    elif cfg.source == "image_folder":
-        table = _image_folder_table(cfg.path).select(META_COLUMNS)
-    else:
-        raise DataError(f"source {cfg.source} must be resolved first")
-    if cfg.max_rows is not None:
-        table = table.slice(0, cfg.max_rows)
-    return table
-
-
-def _hf_disk_table(path: str) -> pa.Table:
-    from datasets import load_from_disk
-
-    ds = load_from_disk(path)
-    if hasattr(ds, "keys"):  # DatasetDict: take train
-        ds = ds["train"]
-    return ds.data.table
-
-
-def read_source(cfg: DataConfig):
-    """Ray Dataset with img_id, image (encoded bytes), width, height, label."""
-    import ray.data
-
-    if cfg.source == "sid_parquet":
-        ds = ray.data.read_parquet(_parquet_files(cfg.path), num_cpus=LIGHT_STAGE_CPUS,
-                                   concurrency=cfg.read_tasks).select_columns(
-            ["img_id", "image", "width", "height", "label"])
-    elif cfg.source == "hf_disk":
-        ds = ray.data.from_arrow(_hf_disk_table(cfg.path).select(["img_id", "image", "width", "height", "label"]))
-    else:
-        ds = ray.data.from_arrow(_image_folder_table(cfg.path))
-    if cfg.max_rows is not None:
-        ds = ds.limit(cfg.max_rows)
-    return ds
-
-
-def image_bytes(col) -> list:
-    """SID_Set stores {bytes, path} structs; plain binary and file paths work too."""
-    out = []
-    for v in col:
-        if isinstance(v, dict):
-            data = v.get("bytes")
-            if data is None and v.get("path"):
-                data = Path(v["path"]).read_bytes()
-            out.append(data)
-        else:
-            out.append(v)
-    return out
-
-
 # --------------------------------------------------------------------------- plan (one metadata pass)
 
 
@@ -223,25 +107,46 @@ def class_counts(cfg: DataConfig, table: pa.Table) -> dict[str, list[int]]:
     return {name: [int(((split == s) & keep & (cls == c)).sum()) for c in (0, 1)] for s, name in enumerate(SPLITS)}
 
 
-def balance_cuts(cfg: DataConfig, table: pa.Table, split: str, epoch: int) -> tuple[float, float]:
-    """Hash thresholds so exactly min(n_real, n_fake) rows of each class pass in this epoch."""
+class Subsample(NamedTuple):
+    """Rows of class c pass when unit_hash(img_id, salt) < cuts[c]: a per-row test, no global state."""
+
+    salt: str
+    cuts: tuple[float, float]
+
+
+def subsample(cfg: DataConfig, table: pa.Table, split: str, salt: str,
+              per_class: tuple[int, int] | None = None) -> Subsample:
+    """Hash thresholds that let exactly `per_class` rows of each class through (default: the
+    minority's count for both, i.e. balance by undersampling)."""
     ids, cls, keep, split_idx = _split_and_class(cfg, table)
     in_split = keep & (split_idx == SPLITS.index(split))
-    draw = unit_hash(ids, f"{cfg.seed}/{epoch}/balance")
+    draw = unit_hash(ids, salt)
     n = [int((in_split & (cls == c)).sum()) for c in (0, 1)]
-    target = min(n)
+    want = per_class or (min(n), min(n))
     cuts = []
     for c in (0, 1):
         d = np.sort(draw[in_split & (cls == c)])
-        cuts.append(1.0 if n[c] <= target else float(d[target]) if target > 0 else 0.0)
-    return cuts[0], cuts[1]
+        cuts.append(1.0 if n[c] <= want[c] else float(d[want[c]]) if want[c] > 0 else 0.0)
+    return Subsample(salt, (cuts[0], cuts[1]))
+
+
+def balance(cfg: DataConfig, table: pa.Table, epoch: int) -> Subsample:
+    """This epoch's undersampling of the training split; redrawn every epoch."""
+    return subsample(cfg, table, "train", f"{cfg.seed}/{epoch}/balance")
+
+
+def stratified(cfg: DataConfig, table: pa.Table, split: str, n: int | None, counts: list[int]) -> Subsample | None:
+    """A fixed subset of about n rows with the split's class proportions (None: the whole split)."""
+    if n is None or n >= sum(counts):
+        return None
+    per_class = tuple(max(1, round(n * c / sum(counts))) if c else 0 for c in counts)
+    return subsample(cfg, table, split, f"{cfg.seed}/subset/{split}", per_class)
 
 
 # --------------------------------------------------------------------------- per-row stages
 
 
-def select_rows(table: pa.Table, cfg: DataConfig, split: str, cuts: tuple[float, float] | None,
-                epoch: int) -> pa.Table:
+def select_rows(table: pa.Table, cfg: DataConfig, split: str, sample: Subsample | None = None) -> pa.Table:
     """Filter + split + undersample on metadata columns only; image bytes are never copied to Python."""
     labels = table.column("label").to_numpy()
     ids = table.column("img_id").to_pylist()
@@ -250,9 +155,9 @@ def select_rows(table: pa.Table, cfg: DataConfig, split: str, cuts: tuple[float,
     if split != "all":  # "all": every row that passes the label and size filters
         u = unit_hash(split_key(ids, cfg.split_group_sep), cfg.split_salt)
         keep &= assign_split(u, cfg.val_fraction, cfg.test_fraction) == SPLITS.index(split)
-    if cuts is not None:
-        draw = unit_hash(ids, f"{cfg.seed}/{epoch}/balance")
-        keep &= np.where(cls == 0, draw < cuts[0], draw < cuts[1]) | (cls < 0)
+    if sample is not None:
+        draw = unit_hash(ids, sample.salt)
+        keep &= np.where(cls == 0, draw < sample.cuts[0], draw < sample.cuts[1]) | (cls < 0)
     out = table.filter(pa.array(keep))
     return out.set_column(out.schema.get_field_index("label"), "label", pa.array(cls[keep], pa.int64()))
 
@@ -296,10 +201,26 @@ def augment(img, aug: AugmentConfig, rng: np.random.Generator):
 
 
 @lru_cache(maxsize=2)
-def cached_processor(path: str):
+def cached_processor(path: str, revision: str | None = None):
     from transformers import AutoProcessor
 
-    return AutoProcessor.from_pretrained(path)
+    return AutoProcessor.from_pretrained(path, revision=revision)
+
+
+class Collate(NumpyBatchCollateFn):
+    """Picklable collate for Ray Data's iter_torch_batches: pads only, no decoding or float maths."""
+
+    def __init__(self, pad_id: int, affine):
+        super().__init__()
+        self.pad_id = pad_id
+        self.affine = affine
+
+    @classmethod
+    def of(cls, processor) -> "Collate":
+        return cls(processor.tokenizer.pad_token_id, pixel_affine(processor))
+
+    def __call__(self, rows: dict) -> dict:
+        return collate(rows, self.pad_id, self.affine)
 
 
 COUNTER_NAMESPACE = "aigd"
@@ -348,12 +269,10 @@ def _report_skipped(counter: str | None, split: str, n: int) -> None:
         log.warning("skip counter %s not found; %d skipped rows only logged", counter, n)
 
 
-def preprocess(batch: dict, processor_path: str, policy: ImagePolicy, aug: AugmentConfig | None, seed: int,
-               epoch: int, max_pixels: int, split: str = "train", counter: str | None = None) -> dict:
-    """Decode -> (augment + JPEG | policy resize) -> processor. Corrupt images are dropped and counted."""
-    from aigd.prompt import encode, target_size
-
-    limits = ImageLimits(max_pixels=max_pixels, min_side=1, max_aspect=1e9)
+def preprocess(batch: dict, processor: tuple[str, str | None], policy: ImagePolicy, aug: AugmentConfig | None,
+               seed: int, epoch: int, max_pixels: int, split: str = "train", counter: str | None = None) -> dict:
+    """Decode -> (augment + JPEG) -> policy resize -> processor. Corrupt images are dropped and counted."""
+    limits = DecodeLimits.preset("training", max_pixels)
     images, keep, quality = [], [], []
     for i, (img_id, data) in enumerate(zip(batch["img_id"], image_bytes(batch["image"]))):
         try:
@@ -367,7 +286,7 @@ def preprocess(batch: dict, processor_path: str, policy: ImagePolicy, aug: Augme
         q = -1
         if aug is not None:
             img, q = augment(img, aug, row_rng(seed, epoch, str(img_id)))
-        images.append(img)
+        images.append(prepare_image(img, policy))
         keep.append(i)
         quality.append(q)
     n_bad = len(batch["img_id"]) - len(keep)
@@ -376,7 +295,7 @@ def preprocess(batch: dict, processor_path: str, policy: ImagePolicy, aug: Augme
     if not images:
         return {k: [] for k in ("input_ids", "mm_token_type_ids", "pixel_values", "image_grid_thw", "img_id",
                                 "label", "jpeg_quality")}
-    out = encode(cached_processor(processor_path), images, policy)
+    out = encode(cached_processor(*processor), images, policy)
     out["img_id"] = np.asarray([str(batch["img_id"][i]) for i in keep])
     out["label"] = np.asarray(batch["label"])[keep].astype(np.int64)
     out["jpeg_quality"] = np.asarray(quality, dtype=np.int64)
@@ -393,19 +312,20 @@ def configure_execution(cfg: DataConfig) -> None:
         opts.resource_limits = opts.resource_limits.copy(object_store_memory=cfg.object_store_budget_mb * 2**20)
 
 
-def build_dataset(cfg: DataConfig, split: str, processor_path: str, policy: ImagePolicy,
-                  aug: AugmentConfig | None, epoch: int, cuts: tuple[float, float] | None,
+def build_dataset(cfg: DataConfig, split: str, processor: tuple[str, str | None], policy: ImagePolicy,
+                  aug: AugmentConfig | None, epoch: int, sample: Subsample | None,
                   batch_size: int = 32, counter: str | None = None):
-    """The lazy Ray Dataset of one split for one epoch: ready tensors, one row per image."""
-    ds = read_source(cfg)
-    ds = ds.map_batches(select_rows, fn_kwargs=dict(cfg=cfg, split=split, cuts=cuts, epoch=epoch),
+    """The lazy Ray Dataset of one split for one epoch: ready tensors, one row per image.
+    `processor` is (name_or_path, revision) of the base whose processor encodes the images."""
+    ds = read_source(cfg, LIGHT_STAGE_CPUS)
+    ds = ds.map_batches(select_rows, fn_kwargs=dict(cfg=cfg, split=split, sample=sample),
                         batch_format="pyarrow", batch_size=None, num_cpus=LIGHT_STAGE_CPUS,
                         concurrency=cfg.read_tasks)
     # Parquet reads come in blocks of hundreds of rows (a whole small file is one block); split them
     # so every preprocessing CPU gets work instead of one task decoding a whole file.
     ds = ds.repartition(target_num_rows_per_block=max(batch_size, ROWS_PER_TASK))
     return ds.map_batches(preprocess, fn_kwargs=dict(
-        processor_path=processor_path, policy=policy, aug=aug if (aug and aug.enabled) else None,
+        processor=processor, policy=policy, aug=aug if (aug and aug.enabled) else None,
         seed=cfg.seed, epoch=epoch, max_pixels=cfg.max_image_pixels, split=split,
         counter=counter),
         batch_format="numpy", batch_size=batch_size, num_cpus=cfg.preprocess_cpus)

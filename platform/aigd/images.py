@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from aigd.config import DecodeLimits
 from aigd.errors import CorruptImage, ImageRejected, ImageTooLarge, UnsupportedMediaType
 
 _MAGIC = (
@@ -24,13 +24,6 @@ _MAGIC = (
 )
 
 
-@dataclass(frozen=True)
-class ImageLimits:
-    max_pixels: int = 40_000_000
-    min_side: int = 28
-    max_aspect: float = 50.0
-
-
 def sniff(data: bytes) -> str:
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
@@ -40,7 +33,7 @@ def sniff(data: bytes) -> str:
     raise UnsupportedMediaType("not a JPEG, PNG, WebP, BMP or GIF image (checked by content)")
 
 
-def open_header(data: bytes, limits: ImageLimits) -> Image.Image:
+def open_header(data: bytes, limits: DecodeLimits) -> Image.Image:
     """Open lazily (header only) and enforce the geometry limits."""
     fmt = sniff(data)
     try:
@@ -76,7 +69,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def decode(data: bytes, limits: ImageLimits = ImageLimits(), draft_to: tuple[int, int] | None = None) -> Image.Image:
+def decode(data: bytes, limits: DecodeLimits = DecodeLimits(), draft_to: tuple[int, int] | None = None) -> Image.Image:
     """Bytes to an upright RGB image, or one of the errors above. GIFs give their first frame.
 
     `draft_to` lets JPEG decode at reduced scale (DCT scaling) when the target is smaller.

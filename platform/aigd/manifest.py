@@ -1,7 +1,9 @@
 """Self-describing adapter folders: adapter weights + adapter_config.json + manifest.json.
 
-Serving refuses an adapter whose manifest does not match the base model it would be loaded on or
-the prompt/pixel policy it would be scored with, since either mismatch silently degrades accuracy.
+The manifest's schema is written here and nowhere else (`new_manifest`, `update_calibration`).
+Scoring refuses an adapter whose manifest does not match the base it would be loaded on (shape,
+checkpoint, quantization) or the prompt/pixel policy it would be scored with, since either
+mismatch silently degrades accuracy.
 """
 
 from __future__ import annotations
@@ -9,18 +11,25 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
 from aigd import __version__
-from aigd.config import ImagePolicy
-from aigd.errors import ManifestMismatch
+from aigd.config import ImagePolicy, ScoringConfig
+from aigd.errors import AigdError, ManifestMismatch
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _FINGERPRINT_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                      "intermediate_size", "vocab_size", "depth", "num_heads", "out_hidden_size", "patch_size")
+_CALIBRATION_KEYS = ("temperature", "threshold", "threshold_rule", "target_fpr", "threshold_at_target_fpr",
+                     "ece_before", "ece_after", "n")
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def base_fingerprint(config) -> str:
@@ -32,6 +41,13 @@ def base_fingerprint(config) -> str:
 
     shape = {"top": pick(d), "text": pick(d.get("text_config", {})), "vision": pick(d.get("vision_config", {}))}
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def weights_layout(model) -> str:
+    """Hash of every base tensor's name, dtype and shape: tells a 4-bit NF4 base from a dynamically
+    quantized one (other modules kept 16-bit) or from an unquantized one, where the shape cannot."""
+    items = sorted((n, str(t.dtype), tuple(t.shape)) for n, t in model.state_dict().items() if "lora_" not in n)
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
 
 
 def code_version() -> str:
@@ -48,15 +64,47 @@ def policy_dict(policy: ImagePolicy) -> dict:
             "max_pixels": policy.max_pixels, "min_pixels": policy.min_pixels}
 
 
+def policy_of(manifest: dict) -> ImagePolicy:
+    return ImagePolicy(**manifest["image_policy"])
+
+
+def new_manifest(*, method: str, base: dict, policy: ImagePolicy, lora: dict, training: dict, data: dict,
+                 val_metrics: dict, calibration: dict) -> dict:
+    """The schema. `base` comes from `aigd.model.base_info`, `calibration` from `metrics.fit_calibration`."""
+    return {"format_version": FORMAT_VERSION, "created_at": _now(), "code_version": code_version(),
+            "method": method, "base": base, "image_policy": policy_dict(policy),
+            "label_words": ["Real", "Fake"], "lora": lora, "training": training, "data": data,
+            "val_metrics": val_metrics, "calibration": _calibration(calibration, "export (training job)")}
+
+
+def _calibration(fitted: dict, fitted_by: str) -> dict:
+    missing = [k for k in _CALIBRATION_KEYS if k not in fitted]
+    if missing:
+        raise ValueError(f"calibration lacks {missing}")
+    return {**{k: fitted[k] for k in _CALIBRATION_KEYS}, "fitted_by": fitted_by, "fitted_at": _now()}
+
+
 def write_adapter(src_adapter_dir: Path, out_dir: Path, manifest: dict) -> Path:
     """Copy a peft adapter folder (safetensors only) and write its manifest next to it."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         shutil.copy2(src_adapter_dir / name, out_dir / name)
-    manifest = {"format_version": FORMAT_VERSION, "created_at": datetime.datetime.now(datetime.timezone.utc)
-                .isoformat(timespec="seconds"), "code_version": code_version(), **manifest}
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    _write(out_dir, manifest)
     return out_dir
+
+
+def update_calibration(adapter_dir: str | Path, fitted: dict, fitted_by: str) -> dict:
+    """Replace an adapter's calibration (temperature, thresholds) with a new fit; serving reads it."""
+    manifest = read_manifest(adapter_dir)
+    manifest["calibration"] = _calibration(fitted, fitted_by)
+    _write(Path(adapter_dir), manifest)
+    return manifest
+
+
+def _write(adapter_dir: Path, manifest: dict) -> None:
+    tmp = adapter_dir / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    os.replace(tmp, adapter_dir / MANIFEST)  # a reader never sees half a manifest
 
 
 def read_manifest(adapter_dir: str | Path) -> dict:
@@ -66,20 +114,56 @@ def read_manifest(adapter_dir: str | Path) -> dict:
     path = adapter_dir / MANIFEST
     if not path.exists():
         raise ManifestMismatch(f"{adapter_dir}: no {MANIFEST}; export adapters with the training jobs")
-    return json.loads(path.read_text())
-
-
-def check_compatible(manifest: dict, fingerprint: str, policy: ImagePolicy, where: str = "adapter") -> None:
-    problems = []
+    manifest = json.loads(path.read_text())
     if manifest.get("format_version") != FORMAT_VERSION:
-        problems.append(f"format_version {manifest.get('format_version')} != {FORMAT_VERSION}")
-    if manifest.get("base_fingerprint") != fingerprint:
-        problems.append(f"trained on base {manifest.get('base_model')!r} (fingerprint "
-                        f"{manifest.get('base_fingerprint')}), serving base has fingerprint {fingerprint}")
-    want = policy_dict(policy)
-    got = manifest.get("image_policy", {})
+        raise ManifestMismatch(f"{adapter_dir}: manifest format_version {manifest.get('format_version')}, this "
+                               f"version of aigd reads {FORMAT_VERSION}; re-export the adapter")
+    return manifest
+
+
+def _is_hub_id(name: str | None) -> bool:
+    return bool(name) and not os.path.isabs(name) and not name.startswith(".") and name.count("/") == 1 \
+        and not Path(name).exists()
+
+
+def check_compatible(manifest: dict, base: dict, policy: ImagePolicy, where: str = "adapter") -> None:
+    """Refuse an adapter trained on another base (shape, checkpoint, quantization) or policy."""
+    problems = []
+    trained = manifest.get("base", {})
+    trained_name = f"{trained.get('checkpoint')!r} ({trained.get('backend')}, quantization " \
+                   f"{json.dumps(trained.get('quantization'))})"
+    here_name = f"{base.get('checkpoint')!r} ({base.get('backend')}, quantization {json.dumps(base.get('quantization'))})"
+    if trained.get("fingerprint") != base.get("fingerprint"):
+        problems.append(f"architecture differs (fingerprint {trained.get('fingerprint')} vs {base.get('fingerprint')})")
+    if trained.get("quantization") != base.get("quantization") or trained.get("layout") != base.get("layout"):
+        problems.append("weights are quantized or stored differently (layout "
+                        f"{trained.get('layout')} vs {base.get('layout')})")
+    if _is_hub_id(trained.get("checkpoint")) and _is_hub_id(base.get("checkpoint")) and \
+            (trained.get("checkpoint"), trained.get("revision")) != (base.get("checkpoint"), base.get("revision")):
+        problems.append("checkpoint differs")
+    if problems:
+        problems.insert(0, f"trained on base {trained_name}, this base is {here_name}")
+    want, got = policy_dict(policy), manifest.get("image_policy", {})
     for k, v in want.items():
         if got.get(k) != v:
-            problems.append(f"image_policy.{k}: adapter has {got.get(k)!r}, server uses {v!r}")
+            problems.append(f"image_policy.{k}: adapter has {got.get(k)!r}, this scorer uses {v!r}")
     if problems:
-        raise ManifestMismatch(f"{where} does not match this server: " + "; ".join(problems))
+        raise ManifestMismatch(f"{where} does not match: " + "; ".join(problems))
+
+
+def policy_for(cfg: ScoringConfig) -> ImagePolicy:
+    """The configured policy, or the one the adapters were trained with (they must agree)."""
+    if cfg.image is not None:
+        return cfg.image
+    policies = {}
+    for name, path in cfg.adapters.items():
+        try:
+            policies[name] = policy_of(read_manifest(path))
+        except AigdError:
+            continue  # refused (with its reason) when the adapter itself is loaded
+    if len(set(policies.values())) > 1:
+        raise ManifestMismatch(f"adapters were trained with different image policies: {policies}; "
+                               "score them with separate scorers, or set `image` to one of them")
+    if not policies:
+        raise ManifestMismatch(f"no readable adapter manifest among {sorted(cfg.adapters)}")
+    return next(iter(policies.values()))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from aigd.decision import p_fake
+
 
 def confusion(y: np.ndarray, pred: np.ndarray) -> dict:
     y, pred = np.asarray(y).astype(int), np.asarray(pred).astype(int)
@@ -135,6 +137,13 @@ def accuracy_threshold(y, p) -> float:
     return float(candidates[best[np.argmin(np.abs(candidates[best] - 0.5))]])
 
 
-def sigmoid_p(pair_logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = np.asarray(pair_logits, dtype=np.float64)
-    return 1.0 / (1.0 + np.exp(-(z[:, 1] - z[:, 0]) / temperature))
+def fit_calibration(pair_logits, y, target_fpr: float = 0.05) -> dict:
+    """The one calibration fit (export and evaluation): a temperature on the NLL, then the decision
+    threshold with the best accuracy and the one at `target_fpr`, all on the same (validation) scores."""
+    z, y = np.asarray(pair_logits, dtype=np.float64), np.asarray(y).astype(int)
+    temperature = fit_temperature(z, y) if len(np.unique(y)) == 2 else 1.0
+    p = p_fake(z, temperature)
+    return {"temperature": temperature, "threshold": accuracy_threshold(y, p),
+            "threshold_rule": "max validation accuracy", "target_fpr": target_fpr,
+            "threshold_at_target_fpr": threshold_at_fpr(y, p, target_fpr),
+            "ece_before": ece(y, p_fake(z)), "ece_after": ece(y, p), "n": int(len(y))}

@@ -9,12 +9,12 @@ decision is read at the last prompt position (left padding keeps it at index -1)
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
+import numpy as np
 from PIL import Image
-from ray.data.collate_fn import NumpyBatchCollateFn
 
-from aigd.config import ImagePolicy
+from aigd.config import DecodeLimits, ImagePolicy
+from aigd.images import decode
 
 LABEL_WORDS = ("Real", "Fake")  # class 0, class 1
 PATCH = 28  # Qwen2.5-VL: 14-px patches merged 2x2
@@ -54,117 +54,25 @@ def target_size(width: int, height: int, policy: ImagePolicy) -> tuple[int, int]
     return w, h
 
 
-def prepare_image(img: Image.Image, policy: ImagePolicy) -> Image.Image:
-    """RGB image at the policy's size; a no-op for images already on the 28-px grid within budget."""
+def prepare_image(img: Image.Image, policy: ImagePolicy) -> np.ndarray:
+    """The model's view of an image: (h, w, 3) uint8 RGB at the policy's size. Everything that
+    scores or trains goes through this; the array crosses process boundaries as it is."""
     if img.mode != "RGB":
         img = img.convert("RGB")
     size = target_size(img.width, img.height, policy)
     if size != img.size:
         img = img.resize(size, Image.Resampling.BICUBIC)
-    return img
+    return np.asarray(img)
 
 
-@lru_cache(maxsize=8)
-def _cached_prompt(processor, policy: ImagePolicy) -> str:
-    return prompt_text(processor, policy)
+def check_prepared(pixels: np.ndarray, policy: ImagePolicy) -> None:
+    h, w = pixels.shape[:2]
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3 or target_size(w, h, policy) != (w, h):
+        raise ValueError(f"expected a prepared (h, w, 3) uint8 image on the policy's grid, got {pixels.dtype} "
+                         f"{pixels.shape}")
 
 
-def encode(processor, images: list[Image.Image], policy: ImagePolicy) -> dict:
-    """Processor outputs for prepared images, one prompt each (unpadded lists per row).
-
-    Returns a dict of per-row numpy arrays: input_ids, mm_token_type_ids, pixel_values (patches x
-    1176, uint8), image_grid_thw (3,). Rows are padded later by `collate` so this can run in Ray Data.
-    Patches stay 8-bit until the forward pass (`normalize_pixels`): a quarter of the float32 bytes
-    through Ray's object store, the network and host-to-GPU copies, and the result equals the
-    processor's own float output to 1e-6.
-    """
-    import numpy as np
-
-    text = _cached_prompt(processor, policy)
-    prepared = [prepare_image(im, policy) for im in images]
-    enc = processor(text=[text] * len(prepared), images=prepared, return_tensors="np", padding=False,
-                    do_rescale=False, do_normalize=False)
-    grid = np.asarray(enc["image_grid_thw"])
-    counts = grid.prod(axis=1)
-    bounds = np.concatenate([[0], np.cumsum(counts)])
-    pixels = np.asarray(enc["pixel_values"])
-    if pixels.dtype != np.uint8:
-        raise ValueError(f"processor returned {pixels.dtype} patches with rescale/normalize off; expected uint8")
-    return {
-        "input_ids": [np.asarray(x, dtype=np.int64) for x in enc["input_ids"]],
-        "mm_token_type_ids": [np.asarray(x, dtype=np.int64) for x in enc["mm_token_type_ids"]],
-        "pixel_values": [pixels[bounds[i]:bounds[i + 1]] for i in range(len(prepared))],
-        "image_grid_thw": [grid[i].astype(np.int64) for i in range(len(prepared))],
-    }
-
-
-def pixel_affine(processor):
-    """(2, 3) float32 [scale / std; -mean / std] per channel: the image processor's rescale + normalise."""
-    import numpy as np
-
-    ip = processor.image_processor
-    std = np.asarray(ip.image_std, dtype=np.float64)
-    return np.stack([ip.rescale_factor / std, -np.asarray(ip.image_mean, dtype=np.float64) / std]).astype(np.float32)
-
-
-def normalize_pixels(patches, affine):
-    """uint8 (n, 3 * t * p * p) channel-major patches -> float32, on whatever device they are on.
-
-    Runs next to the model (on the GPU in training), so the data path moves 8-bit patches only.
-    """
-    import torch
-
-    x = patches.to(torch.float32).reshape(patches.shape[0], 3, -1)
-    affine = affine.to(device=x.device, dtype=torch.float32)
-    return torch.addcmul(affine[1][None, :, None], x, affine[0][None, :, None]).reshape(patches.shape[0], -1)
-
-
-class Collate(NumpyBatchCollateFn):
-    """Picklable collate for Ray Data's iter_torch_batches: pads only, no decoding or float maths."""
-
-    def __init__(self, pad_id: int, affine):
-        super().__init__()
-        self.pad_id = pad_id
-        self.affine = affine
-
-    @classmethod
-    def of(cls, processor) -> "Collate":
-        return cls(processor.tokenizer.pad_token_id, pixel_affine(processor))
-
-    def __call__(self, rows: dict) -> dict:
-        return collate(rows, self.pad_id, self.affine)
-
-
-def collate(rows: dict, pad_id: int, affine) -> dict:
-    """Left-pad per-row arrays into model tensors; the answer position is then index -1.
-
-    pixel_values stay uint8; `pixel_affine` travels with them and the forward pass normalises.
-    """
-    import numpy as np
-    import torch
-
-    ids = list(rows["input_ids"])
-    n = max(len(x) for x in ids)
-    input_ids = np.full((len(ids), n), pad_id, dtype=np.int64)
-    attention = np.zeros((len(ids), n), dtype=np.int64)
-    mm = np.zeros((len(ids), n), dtype=np.int64)
-    for i, (x, t) in enumerate(zip(ids, rows["mm_token_type_ids"])):
-        input_ids[i, n - len(x):] = x
-        attention[i, n - len(x):] = 1
-        mm[i, n - len(x):] = t
-    batch = {
-        "input_ids": torch.from_numpy(input_ids),
-        "attention_mask": torch.from_numpy(attention),
-        "mm_token_type_ids": torch.from_numpy(mm),
-        "pixel_values": torch.from_numpy(np.concatenate([np.asarray(p, np.uint8) for p in rows["pixel_values"]])),
-        "pixel_affine": torch.from_numpy(np.asarray(affine, np.float32)),
-        "image_grid_thw": torch.from_numpy(np.stack([np.asarray(g, np.int64) for g in rows["image_grid_thw"]])),
-    }
-    if "label" in rows:
-        batch["label"] = torch.tensor(np.asarray(rows["label"], dtype=np.int64))
-    return batch
-
-
-def model_batch(processor, images: list[Image.Image], policy: ImagePolicy) -> dict:
-    """Images straight to model tensors: what serving and evaluation call, through the same steps."""
-    return Collate.of(processor)(encode(processor, images, policy))
+def prepare(data: bytes, limits: DecodeLimits, policy: ImagePolicy) -> np.ndarray:
+    """Bytes -> the model's view of the image (decoded, upright, RGB, at the policy's size): the one
+    image path of every scorer; the HTTP router runs it before handing the array to the model."""
+    return prepare_image(decode(data, limits), policy)

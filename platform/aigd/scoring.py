@@ -1,13 +1,14 @@
-"""Scoring is one forward pass: P(fake) = softmax over the two label-token logits at the answer position.
+"""The forward pass: [Real, Fake] logits at the answer position, for training and scoring alike.
 
-Not `generate()` (the seed decoded text, then read a softmax over the whole vocabulary).
+Not `generate()` (the seed decoded text, then read a softmax over the whole vocabulary): the answer
+is one token, so P(fake) is the two-way softmax of these logits (`aigd.decision.p_fake`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from aigd.prompt import normalize_pixels
+from aigd.batching import normalize_pixels
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
 
@@ -28,12 +29,3 @@ def answer_logits(model, batch: dict) -> torch.Tensor:
 def pair_logits(logits: torch.Tensor, label_ids: tuple[int, int]) -> torch.Tensor:
     """(B, 2) logits of [Real, Fake]."""
     return logits[:, list(label_ids)]
-
-
-def p_fake(pair: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    return torch.softmax(pair.float() / temperature, dim=-1)[:, 1]
-
-
-@torch.no_grad()
-def score_batch(model, batch: dict, label_ids: tuple[int, int], temperature: float = 1.0) -> torch.Tensor:
-    return p_fake(pair_logits(answer_logits(model, batch), label_ids), temperature)

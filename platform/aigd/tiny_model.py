@@ -69,6 +69,7 @@ TINY_DIMS = dict(
 SEVEN_B_WIDTHS = dict(
     text_hidden=3584, text_layers=2, text_heads=28, text_kv_heads=4, text_ffn=18944,
     vision_hidden=1280, vision_depth=2, vision_heads=16, vision_ffn=3420,
+    vocab=151936,  # Qwen's embedding rows (the tiny tokenizer uses the first few): honest memory
 )
 
 
@@ -135,7 +136,7 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, vocab_size: int = 400, 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     config = Qwen2_5_VLConfig(
         text_config=dict(
-            vocab_size=len(tokenizer),
+            vocab_size=max(len(tokenizer), d.get("vocab", 0)),
             hidden_size=d["text_hidden"],
             intermediate_size=d["text_ffn"],
             num_hidden_layers=d["text_layers"],

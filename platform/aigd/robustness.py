@@ -1,0 +1,187 @@
+"""Evaluation: perturbations, Ray Data batch scoring stages, metrics with bootstrap intervals.
+
+The sweep re-scores the SAME images after each perturbation (JPEG re-compression, downscaling,
+center crop) so a drop in AUC is the perturbation's effect, not a different sample. `equalized`
+(square center crop + one JPEG format for every image) is the shortcut audit: a detector that
+learned aspect ratio or file format instead of the generator loses its AUC there.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+
+import numpy as np
+from PIL import Image
+
+from aigd.config import DecodeLimits, EvalConfig, ImagePolicy, from_dict
+from aigd.decision import ENSEMBLE, combine, ensemble_threshold, label, p_fake
+from aigd.errors import AigdError
+from aigd.images import decode, sniff
+from aigd.metrics import binary_metrics, bootstrap_ci, ece, fit_calibration
+from aigd.prompt import prepare_image
+from aigd.scorer import Scorer
+from aigd.sources import image_bytes
+_JPEG = re.compile(r"jpeg_q(\d+)$")
+_SCALE = re.compile(r"downscale_([0-9.]+)$")
+_CROP = re.compile(r"center_crop_([0-9.]+)$")
+
+
+def check_perturbation(name: str) -> None:
+    if name in ("clean", "equalized") or _JPEG.match(name) or _SCALE.match(name) or _CROP.match(name):
+        return
+    raise ValueError(f"unknown perturbation {name!r}: clean, jpeg_q<Q>, downscale_<F>, center_crop_<F>, equalized")
+
+
+def jpeg(img: Image.Image, quality: int) -> Image.Image:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    buf.seek(0)
+    out = Image.open(buf)
+    out.load()
+    return out
+
+
+def perturb(img: Image.Image, name: str) -> Image.Image:
+    """The named perturbation of an upright RGB image."""
+    if name == "clean":
+        return img
+    if m := _JPEG.match(name):
+        return jpeg(img, int(m.group(1)))
+    if m := _SCALE.match(name):
+        f = float(m.group(1))
+        return img.resize((max(28, round(img.width * f)), max(28, round(img.height * f))), Image.Resampling.BICUBIC)
+    if m := _CROP.match(name):
+        f = float(m.group(1))
+        w, h = max(28, round(img.width * f)), max(28, round(img.height * f))
+        x, y = (img.width - w) // 2, (img.height - h) // 2
+        return img.crop((x, y, x + w, y + h))
+    if name == "equalized":
+        side = min(img.size)
+        x, y = (img.width - side) // 2, (img.height - side) // 2
+        return jpeg(img.crop((x, y, x + side, y + side)), 95)
+    raise ValueError(f"unknown perturbation {name!r}")
+
+
+# --------------------------------------------------------------------------- Ray Data stages
+
+
+def expand(batch: dict, perturbations: list[str], policy: ImagePolicy, max_pixels: int) -> dict:
+    """Decode each image once; emit one prepared (policy-sized) uint8 array per perturbation."""
+    out = {k: [] for k in ("img_id", "label", "perturbation", "pixels", "width", "height", "format")}
+    limits = DecodeLimits.preset("training", max_pixels)
+    for i, data in enumerate(image_bytes(batch["image"])):
+        try:
+            img = decode(data, limits)
+            fmt = sniff(data)
+        except AigdError:
+            continue  # counted by the caller as rows in minus rows out
+        for name in perturbations:
+            out["img_id"].append(str(batch["img_id"][i]))
+            out["label"].append(int(batch["label"][i]))
+            out["perturbation"].append(name)
+            out["pixels"].append(prepare_image(perturb(img, name), policy))
+            out["width"].append(int(batch["width"][i]))
+            out["height"].append(int(batch["height"][i]))
+            out["format"].append(fmt)
+    return out
+
+
+class ScoringActor:
+    """Ray Data actor: one Scorer (base + every adapter) per actor; adds pair-logit columns per adapter."""
+
+    def __init__(self, cfg: dict):
+        self.cfg = from_dict(EvalConfig, cfg)
+        self.scorer = Scorer(self.cfg)
+
+    def __call__(self, batch: dict) -> dict:
+        images = list(batch["pixels"])
+        out = {k: v for k, v in batch.items() if k != "pixels"}
+        for name in self.cfg.adapters:
+            z = self.scorer.pair_logits(images, name)
+            out[f"z_real_{name}"], out[f"z_fake_{name}"] = z[:, 0], z[:, 1]
+            out[f"temperature_{name}"] = np.full(len(images), self.scorer.members[name].temperature)
+            out[f"threshold_{name}"] = np.full(len(images), self.scorer.members[name].threshold)
+        return out
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def probabilities(scores: dict, cfg: EvalConfig) -> dict[str, tuple]:
+    """(calibrated P(fake), decision threshold) per adapter and for the ensemble, by aigd.decision's rules."""
+    adapters = list(cfg.adapters)
+    out = {}
+    for name in adapters:
+        z = np.stack([scores[f"z_real_{name}"], scores[f"z_fake_{name}"]], axis=1)
+        threshold = float(scores[f"threshold_{name}"][0]) if f"threshold_{name}" in scores else 0.5
+        out[name] = (p_fake(z, float(scores[f"temperature_{name}"][0])), threshold)
+    members = list(cfg.ensemble.members or adapters)
+    if len(members) > 1:
+        p = combine({n: out[n][0] for n in members}, cfg.ensemble.weights)
+        out[ENSEMBLE] = (p, ensemble_threshold({n: out[n][1] for n in members}, cfg.ensemble))
+    return out
+
+
+def predictions(scores: dict, cfg: EvalConfig) -> dict:
+    """One row per image and perturbation: P(fake) and label per member and for the ensemble."""
+    out = {k: np.asarray(scores[k]) for k in ("img_id", "label", "perturbation")}
+    for name, (p, threshold) in probabilities(scores, cfg).items():
+        out[f"p_fake_{name}"], out[f"label_{name}"] = p, label(p, threshold)
+    return out
+
+
+def with_ci(y, p, threshold: float, n_boot: int) -> dict:
+    m = binary_metrics(y, p, threshold)
+    if n_boot and len(np.unique(y)) == 2:
+        for key in ("accuracy", "f1", "roc_auc"):
+            m[f"{key}_ci95"] = list(bootstrap_ci(y, p, key, n_boot=n_boot, threshold=threshold))
+    return m
+
+
+def summarize(scores: dict, cfg: EvalConfig) -> dict:
+    """metrics[perturbation][member] and the AUC each member keeps relative to clean."""
+    pert = np.asarray(scores["perturbation"])
+    y_all = np.asarray(scores["label"])
+    metrics: dict = {}
+    for name in cfg.perturbations:
+        sel = pert == name
+        sub = {k: np.asarray(v)[sel] for k, v in scores.items()}
+        probs = probabilities(sub, cfg)
+        metrics[name] = {m: with_ci(y_all[sel], p, t, cfg.bootstrap if name == "clean" else 0)
+                         for m, (p, t) in probs.items()}
+    kept = {m: {name: metrics[name][m]["roc_auc"] / metrics["clean"][m]["roc_auc"]
+                for name in cfg.perturbations} for m in metrics.get("clean", {})}
+    return {"metrics": metrics, "auc_kept_vs_clean": kept}
+
+
+def calibration_report(y, scores: dict, adapters: list[str], target_fpr: float) -> dict:
+    """`metrics.fit_calibration` per adapter on (validation) scores, plus the ECE of the manifest's
+    current temperature for comparison."""
+    out = {}
+    for name in adapters:
+        z = np.stack([scores[f"z_real_{name}"], scores[f"z_fake_{name}"]], axis=1)
+        out[name] = {**fit_calibration(z, y, target_fpr),
+                     "ece_manifest_temperature": ece(y, p_fake(z, float(scores[f"temperature_{name}"][0])))}
+    return out
+
+
+def shortcut_stats(scores: dict) -> dict:
+    """Per class: width, height, aspect ratio and file format of the evaluated images."""
+    clean = np.asarray(scores["perturbation"]) == scores["perturbation"][0]
+    y = np.asarray(scores["label"])[clean]
+    w = np.asarray(scores["width"])[clean].astype(float)
+    h = np.asarray(scores["height"])[clean].astype(float)
+    fmt = np.asarray(scores["format"])[clean]
+    out = {}
+    for cls, name in ((0, "real"), (1, "fake")):
+        s = y == cls
+        if not s.any():
+            continue
+        aspect = w[s] / h[s]
+        formats, counts = np.unique(fmt[s], return_counts=True)
+        out[name] = {"n": int(s.sum()), "width_median": float(np.median(w[s])), "height_median": float(np.median(h[s])),
+                     "aspect_mean": float(aspect.mean()), "aspect_std": float(aspect.std()),
+                     "square_fraction": float(np.mean(np.isclose(aspect, 1.0))),
+                     "formats": {str(f): int(c) for f, c in zip(formats, counts)}}
+    return out

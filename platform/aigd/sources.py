@@ -1,0 +1,179 @@
+"""Where images come from: SID_Set parquet shards (local or s3:// / gs://), a `save_to_disk` folder,
+an image folder with real/ and fake/, or the hub; read by training, evaluation and batch scoring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from aigd.config import DataConfig
+
+META_COLUMNS = ["img_id", "width", "height", "label"]
+IMAGE_COLUMNS = ["img_id", "image", "width", "height", "label"]
+
+
+class DataError(ValueError):
+    pass
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def _filesystem(path: str):
+    import pyarrow.fs as pafs
+
+    if is_remote(path):
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), str(Path(path).resolve())
+
+
+def parquet_files(path: str) -> tuple[object, list[str]]:
+    """(filesystem, sorted shard paths) under a folder or URI, or the one file named."""
+    import pyarrow.fs as pafs
+
+    fs, root = _filesystem(path)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.File:
+        return fs, [root]
+    if info.type == pafs.FileType.NotFound:
+        raise DataError(f"{path} does not exist")
+    files = sorted(f.path for f in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                   if f.type == pafs.FileType.File and f.path.endswith(".parquet"))
+    if not files:
+        raise DataError(f"no parquet shards under {path}")
+    return fs, files
+
+
+def resolve_source(cfg: DataConfig) -> DataConfig:
+    """`hub` becomes a local parquet folder (downloaded once); offline, a clear error says what to do."""
+    if cfg.source != "hub":
+        if not is_remote(cfg.path) and not Path(cfg.path).exists():
+            raise DataError(f"data.path {cfg.path!r} does not exist (source {cfg.source})")
+        return cfg
+    hint = (f"download it where the network allows: `huggingface-cli download {cfg.path} --repo-type dataset "
+            f"--local-dir DIR` (DIR on storage every node mounts, or an s3:// / gs:// copy), then set "
+            f"data.source=sid_parquet data.path=DIR")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise DataError(f"data.source=hub but HF_HUB_OFFLINE=1: {hint}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(cfg.path, repo_type="dataset", allow_patterns=["*.parquet"])
+    except Exception as e:
+        raise DataError(f"cannot reach the hub for {cfg.path} ({type(e).__name__}): {hint}") from None
+    return dataclasses.replace(cfg, source="sid_parquet", path=local)
+
+
+def image_folder_table(path: str) -> pa.Table:
+    from PIL import Image
+
+    rows = {"img_id": [], "image": [], "width": [], "height": [], "label": []}  # image: the file's path
+    for label, sub in ((0, "real"), (1, "fake")):
+        for f in sorted((Path(path) / sub).rglob("*")):
+            if not f.is_file():
+                continue
+            try:
+                with Image.open(f) as im:  # header only
+                    w, h = im.size
+            except Exception:
+                w = h = 0  # unreadable: kept so the decode stage counts it
+            rows["img_id"].append(str(f.relative_to(path)))
+            rows["image"].append(str(f))
+            rows["width"].append(w)
+            rows["height"].append(h)
+            rows["label"].append(label)
+    if not rows["img_id"]:
+        raise DataError(f"image folder {path} has no files under real/ or fake/")
+    return pa.table(rows)
+
+
+def hf_disk_table(path: str) -> pa.Table:
+    from datasets import load_from_disk
+
+    ds = load_from_disk(path)
+    if hasattr(ds, "keys"):  # DatasetDict: take train
+        ds = ds["train"]
+    return ds.data.table
+
+
+def metadata(cfg: DataConfig) -> pa.Table:
+    """img_id/width/height/label for every row, without reading image bytes."""
+    if cfg.source == "sid_parquet":
+        fs, files = parquet_files(cfg.path)
+        table = pq.ParquetDataset(files, filesystem=fs).read(columns=META_COLUMNS)
+    elif cfg.source == "hf_disk":
+        table = hf_disk_table(cfg.path).select(META_COLUMNS)
+    elif cfg.source == "image_folder":
+        table = image_folder_table(cfg.path).select(META_COLUMNS)
+    else:
+        raise DataError(f"source {cfg.source} must be resolved first")
+    if cfg.max_rows is not None:
+        table = table.slice(0, cfg.max_rows)
+    return table
+
+
+def read_source(cfg: DataConfig, read_cpus: float):
+    """Ray Dataset with img_id, image (encoded bytes), width, height, label."""
+    import ray.data
+
+    if cfg.source == "sid_parquet":
+        fs, files = parquet_files(cfg.path)
+        ds = ray.data.read_parquet(files, filesystem=fs, num_cpus=read_cpus,
+                                   concurrency=cfg.read_tasks).select_columns(IMAGE_COLUMNS)
+    elif cfg.source == "hf_disk":
+        ds = ray.data.from_arrow(hf_disk_table(cfg.path).select(IMAGE_COLUMNS))
+    else:
+        ds = ray.data.from_arrow(image_folder_table(cfg.path))
+    if cfg.max_rows is not None:
+        ds = ds.limit(cfg.max_rows)
+    return ds
+
+
+def image_bytes(col) -> list:
+    """SID_Set stores {bytes, path} structs; plain binary and file paths work too."""
+    out = []
+    for v in col:
+        if isinstance(v, dict):
+            data = v.get("bytes")
+            if data is None and v.get("path"):
+                data = Path(v["path"]).read_bytes()
+            out.append(data)
+        elif isinstance(v, str):
+            out.append(Path(v).read_bytes())
+        else:
+            out.append(v)
+    return out
+
+
+def _is_image_folder(path: str) -> bool:
+    p = Path(path)
+    return p.is_dir() and not any(p.rglob("*.parquet"))
+
+
+def iter_images(path: str) -> Iterator[tuple[str, bytes | None]]:
+    """(id, bytes) per image: file paths under a folder, or img_id from parquet shards."""
+    if _is_image_folder(path):
+        for f in sorted(x for x in Path(path).rglob("*") if x.is_file()):
+            yield str(f), f.read_bytes()
+        return
+    fs, files = parquet_files(path)
+    for shard in files:
+        with fs.open_input_file(shard) as fh:
+            for batch in pq.ParquetFile(fh).iter_batches(batch_size=256, columns=["img_id", "image"]):
+                ids = batch.column("img_id").to_pylist()
+                for img_id, data in zip(ids, image_bytes(batch.column("image").to_pylist())):
+                    yield str(img_id), data
+
+
+def count_images(path: str) -> int:
+    if _is_image_folder(path):
+        return sum(1 for x in Path(path).rglob("*") if x.is_file())
+    fs, files = parquet_files(path)
+    return pq.ParquetDataset(files, filesystem=fs).read(columns=["img_id"]).num_rows

@@ -20,7 +20,7 @@ export TOKENIZERS_PARALLELISM := false
 # `ray start` hands its PATH to job drivers: their `python` must be this venv's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup demo demo-data tiny-model cluster train-demo score-demo eval-demo serve-demo test test-fast stop clean
+.PHONY: setup demo demo-data tiny-model cluster train-demo score-demo eval-demo serve-demo experiment test test-fast stop clean
 
 setup: $(VENV)/.installed
 
@@ -72,10 +72,17 @@ serve-demo: cluster
 	$(VENV)/bin/serve run --non-blocking --address auto --working-dir . configs/serve_demo.yaml
 	@for i in $$(seq 120); do curl -sf http://127.0.0.1:8000/readyz >/dev/null && break; sleep 1; done
 	@curl -sf http://127.0.0.1:8000/readyz >/dev/null || (echo "the app did not become ready; see the Serve tab of $(DASHBOARD)"; exit 1)
-	@sample=$$(ls $(AIGD_HOME)/demo-data/samples/* | head -1); \
-	echo "Detector app ready (API docs: http://127.0.0.1:8000/docs). Try:"; \
+	@sample=$$(ls $(AIGD_HOME)/demo-data/samples/fake-* | head -1); \
+	echo "Detector app ready (API docs: http://127.0.0.1:8000/docs). One answer in full:"; \
 	echo "  curl -s -F image=@$$sample http://127.0.0.1:8000/v1/ensemble"; \
-	curl -s -F image=@$$sample http://127.0.0.1:8000/v1/ensemble | $(PY) -m json.tool
+	curl -s -F image=@$$sample http://127.0.0.1:8000/v1/ensemble | $(PY) -m json.tool; \
+	echo "Held-out samples of each class (test split, never trained on):"; \
+	$(PY) serve/try_samples.py --url http://127.0.0.1:8000 $(AIGD_HOME)/demo-data/samples/*
+
+# The README's proxy table: both methods x 3 seeds, trained, evaluated, summarised, on its own local
+# Ray (the demo cluster is stopped first: its Serve app would hold CPUs the jobs need).
+experiment: stop tiny-model demo-data
+	$(PY) bench/experiment.py --seeds 0 1 2 --readme README.md --json
 
 demo: train-demo eval-demo serve-demo
 	@echo "Evaluation report: $(AIGD_HOME)/eval/report.html   Dashboard: $(DASHBOARD)   Stop: make stop"

@@ -154,7 +154,8 @@ def seed_loop_ips(data_path: Path, n: int) -> float:
 def bound_ips(data_path: Path, n: int, cpus: int) -> float:
     import torch
 
-    from aigd.data import balance, cached_processor, preprocess, select_rows
+    from aigd.data import cached_processor, preprocess
+    from aigd.sampling import balance, select_rows
     from aigd.sources import metadata
 
     torch.set_num_threads(1)  # what a Ray task with num_cpus=1 gets
@@ -178,7 +179,8 @@ def run_pipeline(data_path: Path, cpus: int, store_mb: int) -> dict:
     """Child process body: a fresh local Ray, the training pipeline, consumed like the trainer does."""
     import ray
 
-    from aigd.data import Collate, balance, build_dataset, cached_processor, configure_execution
+    from aigd.data import Collate, build_dataset, cached_processor, configure_execution
+    from aigd.sampling import balance
     from aigd.sources import metadata
 
     data, policy, aug, batch_size = bench_configs(data_path)

@@ -226,7 +226,7 @@ def main(argv=None) -> dict:
     print(f"device: {device}", flush=True)
     t0 = time.perf_counter()
     if not (path / "model.safetensors").exists():
-        build_tiny_model(path, dims=dims, dtype=dtype)
+        build_tiny_model(path, dims=dims, dtype=dtype, format_steps=0 if not args.cpu_smoke else 200)
     data = write_demo_data(DemoDataConfig(out_dir=str(home() / "data"), rows_per_class=60, tampered_rows=4,
                                           small_rows=4, corrupt_rows=1, shards=2))
     print(f"model {path} and data {data} ready in {time.perf_counter() - t0:.0f} s", flush=True)

@@ -5,7 +5,9 @@ schedule, 1 epoch, on balanced clean data (deterministic resize to the shared pi
         python jobs/train_method1.py --config configs/demo_method1.yaml
     python jobs/train_method1.py --config configs/method1.yaml optim.lr=1e-4   # local Ray
 
-config -> data plan -> Ray Train (model + loop in aigd.loop, on every worker) -> export.
+`aigd.train.run` does it in order: config (this PRESET <- the YAML <- a.b=c overrides) -> data plan
+(one metadata pass) -> Ray Train (the loop in aigd.loop on every worker: model, loss, validation,
+checkpoints) -> export (calibrated on the val split, adapter + manifest).
 """
 
 from __future__ import annotations
@@ -24,12 +26,7 @@ PRESET = {
 
 
 def main(argv=None) -> Path:
-    cfg = T.load_config(__doc__.splitlines()[0], PRESET, argv)  # preset <- YAML <- a.b=c overrides
-    T.init_ray(cfg)
-    cfg, plan = T.prepare_run(cfg)  # one metadata pass: counts, balance per epoch, val subset
-    trainer = T.make_trainer(cfg, plan, T.make_datasets(cfg, plan))
-    result = trainer.fit()  # checkpoints, resume and restarts are Ray Train's; the loop is aigd.loop's
-    return T.finish_run(cfg, METHOD, plan, result)  # calibrate on val, write adapter + manifest
+    return T.run(METHOD, PRESET, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

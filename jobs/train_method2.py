@@ -5,7 +5,7 @@ focal loss (alpha 0.75 on Fake, gamma 2.0) on the Real/Fake decision, cosine sch
         python jobs/train_method2.py --config configs/demo_method2.yaml
     python jobs/train_method2.py --config configs/method2.yaml optim.lr=5e-5   # local Ray
 
-config -> data plan -> Ray Train (model + loop in aigd.loop, on every worker) -> export.
+Same steps as Method 1 (`aigd.train.run`); what differs is the PRESET below.
 """
 
 from __future__ import annotations
@@ -25,12 +25,7 @@ PRESET = {
 
 
 def main(argv=None) -> Path:
-    cfg = T.load_config(__doc__.splitlines()[0], PRESET, argv)  # preset <- YAML <- a.b=c overrides
-    T.init_ray(cfg)
-    cfg, plan = T.prepare_run(cfg)  # one metadata pass: counts, balance per epoch, val subset
-    trainer = T.make_trainer(cfg, plan, T.make_datasets(cfg, plan))
-    result = trainer.fit()  # checkpoints, resume and restarts are Ray Train's; the loop is aigd.loop's
-    return T.finish_run(cfg, METHOD, plan, result)  # calibrate on val, write adapter + manifest
+    return T.run(METHOD, PRESET, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

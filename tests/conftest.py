@@ -55,7 +55,7 @@ def corrupt_by_split(demo_data: Path) -> dict[str, list[str]]:
     import pyarrow.parquet as pq
 
     from aigd.config import DataConfig
-    from aigd.data import SPLITS, assign_split, split_key, unit_hash
+    from aigd.sampling import SPLITS, assign_split, split_key, unit_hash
     from aigd.images import decode
 
     cfg = DataConfig(min_width=112, split_group_sep="/")
@@ -94,7 +94,8 @@ SERVE_POLICY = dict(max_pixels=140 * 140, min_pixels=56 * 56, prompt="Real/Fake?
 
 def calibration(temperature: float, threshold: float) -> dict:
     return {"temperature": temperature, "threshold": threshold, "threshold_rule": "test", "target_fpr": 0.05,
-            "threshold_at_target_fpr": threshold, "ece_before": 0.0, "ece_after": 0.0, "n": 0}
+            "threshold_at_target_fpr": threshold, "uncertain_band": None, "band_precision": 0.95,
+            "ece_before": 0.0, "ece_after": 0.0, "n": 0}
 
 
 def make_adapter(tiny_model: Path, out: Path, seed: int, temperature: float, method: str, threshold: float = 0.5,

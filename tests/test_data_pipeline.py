@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from aigd import data as D
+from aigd import sampling as S
 from aigd.batching import encode
 from aigd.config import AugmentConfig, DataConfig, ImagePolicy
 from aigd.prompt import prepare_image
@@ -32,8 +33,8 @@ def _expected_counts(table, cfg):
     """Independent recount in plain Python."""
     labels, widths = table.column("label").to_pylist(), table.column("width").to_pylist()
     ids = table.column("img_id").to_pylist()
-    u = D.unit_hash([i.split("/")[0] for i in ids], cfg.split_salt)
-    out = {s: [0, 0] for s in D.SPLITS}
+    u = S.unit_hash([i.split("/")[0] for i in ids], cfg.split_salt)
+    out = {s: [0, 0] for s in S.SPLITS}
     for lab, w, x in zip(labels, widths, u):
         if lab == 2 or w < cfg.min_width:
             continue
@@ -43,44 +44,44 @@ def _expected_counts(table, cfg):
 
 
 def test_filter_and_split_counts_are_exact(cfg, table):
-    counts = D.class_counts(cfg, metadata(cfg))
+    counts = S.class_counts(cfg, metadata(cfg))
     assert counts == _expected_counts(table, cfg)
     assert sum(map(sum, counts.values())) == 2 * (120 + 1)  # 120 + 1 corrupt per class; small + tampered dropped
-    everything = D.select_rows(table, cfg, "all")  # evaluation of a whole folder: filters, no split
+    everything = S.select_rows(table, cfg, "all")  # evaluation of a whole folder: filters, no split
     assert everything.num_rows == 2 * (120 + 1) and set(everything.column("label").to_pylist()) == {0, 1}
 
 
 def test_tampered_can_count_as_fake(cfg):
     import dataclasses
 
-    counts = D.class_counts(dataclasses.replace(cfg, tampered="fake"), metadata(cfg))
-    base = D.class_counts(cfg, metadata(cfg))
+    counts = S.class_counts(dataclasses.replace(cfg, tampered="fake"), metadata(cfg))
+    base = S.class_counts(cfg, metadata(cfg))
     assert sum(c[1] for c in counts.values()) == sum(c[1] for c in base.values()) + 10
 
 
 def test_split_is_stable_and_disjoint(cfg, table):
     ids = table.column("img_id").to_pylist()
-    keys = D.split_key(ids, "/")
-    a = D.assign_split(D.unit_hash(keys, cfg.split_salt), cfg.val_fraction, cfg.test_fraction)
-    b = D.assign_split(D.unit_hash(list(reversed(keys)), cfg.split_salt), cfg.val_fraction, cfg.test_fraction)
+    keys = S.split_key(ids, "/")
+    a = S.assign_split(S.unit_hash(keys, cfg.split_salt), cfg.val_fraction, cfg.test_fraction)
+    b = S.assign_split(S.unit_hash(list(reversed(keys)), cfg.split_salt), cfg.val_fraction, cfg.test_fraction)
     assert (a == b[::-1]).all()  # depends on the key only, not on order or process
     groups = {s: {k for k, x in zip(keys, a) if x == s} for s in range(3)}
     assert not (groups[0] & groups[1]) and not (groups[0] & groups[2]) and not (groups[1] & groups[2])
-    assert D.unit_hash(["astronaut"], "aigd-split-v1")[0] == D.unit_hash(["astronaut"], "aigd-split-v1")[0]
+    assert S.unit_hash(["astronaut"], "aigd-split-v1")[0] == S.unit_hash(["astronaut"], "aigd-split-v1")[0]
 
 
 def test_label_outside_the_map_is_an_error_naming_the_row(cfg):
     with pytest.raises(DataError, match="row 1: label 7 "):
-        D.class_of(np.array([0, 7]), cfg)
+        S.class_of(np.array([0, 7]), cfg)
 
 
 def test_balance_is_exact_and_redrawn_per_epoch(cfg, table, ray_local):
-    counts = D.class_counts(cfg, metadata(cfg))
+    counts = S.class_counts(cfg, metadata(cfg))
     n = min(counts["train"])
     picked = []
     for epoch in (0, 1):
-        sample = D.balance(cfg, metadata(cfg), epoch)
-        ds = read_source(cfg, 1.0).map_batches(D.select_rows, fn_kwargs=dict(cfg=cfg, split="train", sample=sample),
+        sample = S.balance(cfg, metadata(cfg), epoch)
+        ds = read_source(cfg, 1.0).map_batches(S.select_rows, fn_kwargs=dict(cfg=cfg, split="train", sample=sample),
                                                 batch_format="pyarrow")
         rows = ds.select_columns(["img_id", "label"]).take_all()
         labels = [r["label"] for r in rows]
@@ -91,15 +92,15 @@ def test_balance_is_exact_and_redrawn_per_epoch(cfg, table, ray_local):
 
 
 def test_validation_subset_is_fixed_and_keeps_the_class_proportions(cfg, table):
-    counts = D.class_counts(cfg, metadata(cfg))["val"]
+    counts = S.class_counts(cfg, metadata(cfg))["val"]
     n = sum(counts) // 2
-    sample = D.stratified(cfg, metadata(cfg), "val", n, counts)
-    again = D.stratified(cfg, metadata(cfg), "val", n, counts)
-    rows = D.select_rows(table, cfg, "val", sample)
+    sample = S.stratified(cfg, metadata(cfg), "val", n, counts)
+    again = S.stratified(cfg, metadata(cfg), "val", n, counts)
+    rows = S.select_rows(table, cfg, "val", sample)
     labels = rows.column("label").to_pylist()
     want = [round(n * c / sum(counts)) for c in counts]
     assert [labels.count(0), labels.count(1)] == want and sample == again
-    assert D.stratified(cfg, metadata(cfg), "val", 10 * sum(counts), counts) is None  # whole split
+    assert S.stratified(cfg, metadata(cfg), "val", 10 * sum(counts), counts) is None  # whole split
 
 
 def _run(cfg, processor_path, epoch, aug):
@@ -127,7 +128,7 @@ def test_corrupt_rows_are_skipped_and_counted(cfg, tiny_model, table, ray_local)
     D.skip_counter(counter)
     ds = D.build_dataset(cfg, "train", (str(tiny_model), None), POLICY, None, 0, None, counter=counter)
     rows = ds.select_columns(["img_id"]).take_all()
-    counts = D.class_counts(cfg, metadata(cfg))
+    counts = S.class_counts(cfg, metadata(cfg))
     skipped = D.skipped_counts(counter)
     ray.kill(ray.get_actor(counter, namespace=D.COUNTER_NAMESPACE))
     corrupt = corrupt_by_split(Path(cfg.path))
@@ -151,3 +152,32 @@ def test_batches_match_the_processor_for_the_same_image(cfg, tiny_model, process
         np.testing.assert_array_equal(got["image_grid_thw"], want["image_grid_thw"][0])
         np.testing.assert_array_equal(got["pixel_values"], want["pixel_values"][0])
         assert got["label"] == by_id[img_id]["label"]
+
+
+def test_light_stages_and_the_router_never_import_torch():
+    """Ray Data runs the metadata stages in 0.1-CPU tasks and Serve runs routers beside the model;
+    a process that imports torch costs seconds of CPU and ~0.5 GB, which on 2 CPUs stalled training."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = "import sys; import aigd.sampling, aigd.sources, serve.app; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
+
+
+def test_parquet_under_a_uri_reads_like_a_local_folder(cfg, demo_data):
+    """s3:// and gs:// go through the same pyarrow filesystem code as this file:// URI."""
+    import dataclasses
+
+    from aigd.sources import is_remote, iter_images, parquet_files
+
+    uri = dataclasses.replace(cfg, path=f"file://{demo_data}")
+    assert is_remote(uri.path)
+    fs, files = parquet_files(uri.path)
+    assert len(files) == len(list((demo_data / "data").glob("*.parquet")))
+    assert metadata(uri).equals(metadata(cfg))
+    assert S.class_counts(uri, metadata(uri)) == S.class_counts(cfg, metadata(cfg))
+    assert next(iter_images(uri.path))[0] == next(iter_images(str(demo_data)))[0]

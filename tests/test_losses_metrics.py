@@ -72,17 +72,17 @@ def test_temperature_fit_lowers_ece_of_overconfident_scores():
 
 def test_decision_rules_are_the_ones_every_scorer_uses():
     from aigd.config import EnsembleConfig
-    from aigd.decision import combine, ensemble_answer, ensemble_threshold, label, member_answer
+    from aigd.decision import Rule, combine, ensemble_answer, ensemble_rule, member_answer
 
     z = np.array([[0.0, 1.0], [1.0, 0.0]])
     np.testing.assert_allclose(p_fake(z, 2.0), [1 / (1 + np.exp(-0.5)), 1 / (1 + np.exp(0.5))])
-    assert label(0.5, 0.5) == "fake" and label(0.49, 0.5) == "real"
-    assert list(label(np.array([0.2, 0.7]), 0.6)) == ["real", "fake"]
+    assert Rule(0.5).label(0.5) == "fake" and Rule(0.5).label(0.49) == "real"
+    assert list(Rule(0.6).label(np.array([0.2, 0.7]))) == ["real", "fake"]
     weighted = EnsembleConfig(weights={"a": 3.0})
     assert combine({"a": 0.8, "b": 0.4}, weighted.weights) == (3 * 0.8 + 0.4) / 4
-    assert ensemble_threshold({"a": 0.4, "b": 0.6}, weighted) == (3 * 0.4 + 0.6) / 4
-    assert ensemble_threshold({"a": 0.4, "b": 0.6}, EnsembleConfig(threshold=0.9)) == 0.9
-    members = {n: member_answer(n, p, t, 1.0, {}) for n, p, t in (("a", 0.8, 0.4), ("b", 0.4, 0.6))}
+    assert ensemble_rule({"a": Rule(0.4), "b": Rule(0.6)}, weighted).threshold == (3 * 0.4 + 0.6) / 4
+    assert ensemble_rule({"a": Rule(0.4), "b": Rule(0.6)}, EnsembleConfig(threshold=0.9)).threshold == 0.9
+    members = {n: member_answer(n, p, Rule(t), 1.0, {}) for n, p, t in (("a", 0.8, 0.4), ("b", 0.4, 0.6))}
     answer = ensemble_answer(members, {}, weighted)
     assert answer["p_fake"] == pytest.approx(0.7) and answer["threshold"] == pytest.approx(0.45)
     assert answer["label"] == "fake" and answer["members_used"] == ["a", "b"] and not answer["degraded"]
@@ -112,3 +112,27 @@ def test_optim_loss_names_the_loss_from_one_table():
     assert loss_fn(OptimConfig(loss="ce"))(logits, labels, ids) == answer_cross_entropy(logits, labels, ids)
     focal = loss_fn(OptimConfig(loss="focal", focal_alpha=0.6, focal_gamma=1.0))(logits, labels, ids)
     assert focal == binary_focal(logits[:, [2, 3]], labels, 0.6, 1.0)
+
+
+def test_uncertain_band_keeps_the_precision_of_both_answers_and_every_scorer_applies_it():
+    from aigd.config import EnsembleConfig
+    from aigd.decision import Rule, ensemble_rule
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 4000)
+    p = 1 / (1 + np.exp(-((2 * y - 1) * 1.2 + rng.normal(0, 1.0, 4000))))  # overlapping classes
+    lo, hi = M.uncertain_band(y, p, 0.5, precision=0.95)
+    assert lo < 0.5 < hi
+    assert (y[p >= hi] == 1).mean() >= 0.95 and (y[p < lo] == 0).mean() >= 0.95
+    plain = M.binary_metrics(y, p, 0.5)
+    banded = M.binary_metrics(y, p, 0.5, (lo, hi))
+    assert 0.2 < banded["coverage"] < 0.95 and banded["covered_accuracy"] > plain["accuracy"] + 0.05
+    rule = Rule(0.5, (lo, hi))
+    assert rule.label(hi) == "fake" and rule.label(lo - 1e-9) == "real" and rule.label(0.5) == "uncertain"
+    assert list(rule.label(np.array([0.0, 0.5, 1.0]))) == ["real", "uncertain", "fake"]
+    assert Rule(0.9, (0.3, 0.6)).band == (0.3, 0.9)  # an overriding threshold stays inside its band
+    both = ensemble_rule({"a": Rule(0.4, (0.2, 0.6)), "b": Rule(0.6, (0.4, 0.8))}, EnsembleConfig(weights={"a": 3}))
+    assert both.threshold == pytest.approx(0.45) and both.band == pytest.approx((0.25, 0.65))
+    assert ensemble_rule({"a": Rule(0.4, (0.2, 0.6)), "b": Rule(0.6)}, EnsembleConfig()).band is None
+    fitted = M.fit_calibration(np.stack([np.zeros_like(p), np.log(p / (1 - p))], 1), y)
+    assert fitted["uncertain_band"][0] <= fitted["threshold"] <= fitted["uncertain_band"][1]

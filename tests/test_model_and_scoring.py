@@ -113,3 +113,35 @@ def test_unavailable_backend_says_what_is_missing():
     with pytest.raises(BackendUnavailable, match="CUDA"):
         resolve_backend(ModelConfig(backend="unsloth"))
     assert resolve_backend(ModelConfig(backend="auto")) == "hf"
+
+
+def test_tiny_base_answers_real_or_fake_but_knows_neither(tiny_model, processor, demo_data):
+    """Like the 7B instruct model, the demo base puts its answer on the two label tokens (so Method 1's
+    full-vocabulary loss starts near ln 2), and like any untrained base it cannot tell them apart."""
+    import pyarrow.parquet as pq
+    from transformers import AutoModelForImageTextToText
+
+    from aigd.config import DataConfig, DecodeLimits
+    from aigd.sampling import select_rows
+    from aigd.metrics import roc_auc
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model).eval()
+    ids = prompt.label_token_ids(processor.tokenizer)
+    cfg = DataConfig(source="sid_parquet", path=str(demo_data), min_width=112, split_group_sep="/")
+    table = pq.ParquetDataset(sorted(str(p) for p in (demo_data / "data").glob("*.parquet"))).read()
+    rows = select_rows(table, cfg, "all").to_pylist()[:120]
+    images, labels = [], []
+    for r in rows:
+        try:
+            images.append(prompt.prepare(r["image"]["bytes"], DecodeLimits(), POLICY))
+            labels.append(r["label"])
+        except Exception:
+            continue  # the demo's truncated JPEGs
+    with torch.no_grad():
+        logits = torch.cat([scoring.answer_logits(model, batching.model_batch(processor, images[i:i + 16], POLICY))
+                            for i in range(0, len(images), 16)])
+    probs = torch.softmax(logits, -1)
+    mass = probs[:, list(ids)].sum(-1)
+    ce = torch.nn.functional.cross_entropy(logits, torch.as_tensor(ids)[torch.as_tensor(labels)]).item()
+    assert mass.min() > 0.9 and ce < 0.8  # ln 2 = 0.69; a random base starts at ln |vocab| = 6
+    assert abs(roc_auc(np.asarray(labels), probs[:, ids[1]].numpy()) - 0.5) < 0.15

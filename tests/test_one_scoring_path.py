@@ -77,3 +77,20 @@ def test_cli_batch_scoring_evaluation_and_the_api_give_the_same_answer(server, t
     assert batch["p_fake"] == pytest.approx(e["p_fake"], abs=1e-6) and batch["threshold"] == e["threshold"]
     assert ev["p_fake_ensemble"] == pytest.approx(e["p_fake"], abs=1e-6)
     assert e["label"] == batch["label"] == ev["label_ensemble"]
+
+
+def test_the_demo_sample_client_reports_verdicts_and_the_share_correct(server, tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serve"))
+    import try_samples
+
+    for i, truth in enumerate(("real", "fake", "fake")):
+        (tmp_path / f"{truth}-{i}.png").write_bytes(_bytes(_photo(30 + i)))
+    (tmp_path / "fake-broken.png").write_bytes(b"not an image")
+    files = sorted(str(p) for p in tmp_path.glob("*.png"))
+    assert try_samples.main(["--url", f"{server}/main", *files]) == 0
+    out = capsys.readouterr().out
+    assert out.count(" real ") + out.count(" fake ") >= 3 and "error: not a JPEG" in out
+    assert "answered correctly" in out

@@ -84,6 +84,10 @@ class DataConfig:
     # Concurrent read + metadata-filter tasks: cheap stages; each extra one is another worker process.
     read_tasks: int = 2
     preserve_order: bool = False
+    # Without augmentation (Method 1) every epoch would decode and encode the same images again:
+    # preprocess the train split once and keep it in the object store (spilled to disk when full;
+    # ~0.8 MB per 512-px image), and draw each epoch's balanced sample from it.
+    cache_preprocessed: bool = False
     # Cap on Ray Data's object-store buffering between stages (None: Ray's default, a share of the
     # node's object store). Preprocessed patches are ~1.5 MB per 512-px image.
     object_store_budget_mb: Optional[int] = None

@@ -149,6 +149,34 @@ def make_rows(cfg: DemoDataConfig) -> list[dict]:
     return [rows[i] for i in order]
 
 
+def write_samples(rows: list[dict], folder: Path, per_class: int = 6) -> None:
+    """Held-out files for trying the API: rows of the demo configs' TEST split (split by photo, with
+    DataConfig's default salt and fractions), named for their truth."""
+    from aigd.config import DataConfig
+    from aigd.sampling import assign_split, split_key, unit_hash
+    from aigd.images import decode
+
+    def readable(data: bytes) -> bool:
+        try:
+            decode(data)
+            return True
+        except Exception:
+            return False
+
+    folder.mkdir(exist_ok=True)
+    for old in folder.glob("*"):
+        old.unlink()
+    split = DataConfig()
+    test = assign_split(unit_hash(split_key([r["img_id"] for r in rows], "/"), split.split_salt),
+                        split.val_fraction, split.test_fraction) == 2
+    for label, name in ((0, "real"), (1, "fake")):
+        picked = [r for r, t in zip(rows, test) if t and r["label"] == label and r["width"] >= 112
+                  and readable(r["image"]["bytes"])][::7][:per_class]
+        for r in picked:
+            ext = "jpg" if r["image"]["bytes"][:3] == b"\xff\xd8\xff" else "png"
+            (folder / f"{name}-{r['img_id'].replace('/', '-')}.{ext}").write_bytes(r["image"]["bytes"])
+
+
 def write_demo_data(cfg: DemoDataConfig) -> Path:
     """Write `cfg.shards` parquet shards named like the hub's (data/train-0000i-of-0000n.parquet)."""
     import pyarrow as pa
@@ -167,13 +195,7 @@ def write_demo_data(cfg: DemoDataConfig) -> Path:
         part = rows[s::cfg.shards]
         table = pa.Table.from_pylist(part, schema=schema)
         pq.write_table(table, data_dir / f"train-{s:05d}-of-{cfg.shards:05d}.parquet", row_group_size=256)
-    samples = out / "samples"
-    samples.mkdir(exist_ok=True)
-    for r in [r for r in rows if r["label"] == 0 and r["width"] >= 112][:2] + \
-            [r for r in rows if r["label"] == 1 and r["width"] >= 112][:2]:
-        ext = "jpg" if r["image"]["bytes"][:3] == b"\xff\xd8\xff" else "png"
-        name = f"{'real' if r['label'] == 0 else 'fake'}-{r['img_id'].replace('/', '-')}.{ext}"
-        (samples / name).write_bytes(r["image"]["bytes"])
+    write_samples(rows, out / "samples")
     counts = {str(k): int(v) for k, v in zip(*np.unique([r["label"] for r in rows], return_counts=True))}
     (out / "DEMO_DATA.json").write_text(json.dumps({"rows": len(rows), "label_counts": counts,
                                                      "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}},

@@ -201,19 +201,29 @@ def validate(model, batches, label_ids, rank: int, world: int, amp) -> dict:
 
 
 class Progress:
-    """A progress line every N steps with throughput and ETA, for the job log."""
+    """Training throughput (validation time excluded) and a progress line every N steps."""
 
     def __init__(self, total_steps: int, every: int):
-        self.total, self.every, self.t0, self.samples = total_steps, max(1, every), time.time(), 0
+        self.total, self.every, self.t0, self.samples, self.paused = total_steps, max(1, every), time.time(), 0, 0.0
+        self.steps = 0
+
+    @contextlib.contextmanager
+    def pause(self):
+        t = time.time()
+        yield
+        self.paused += time.time() - t
+
+    def samples_per_s(self) -> float:
+        return self.samples / max(1e-9, time.time() - self.t0 - self.paused)
 
     def line(self, state: LoopState, loss: float, lr: float, epochs: int) -> str | None:
+        self.steps += 1
         if state.global_step % self.every and state.global_step != self.total:
             return None
-        dt = max(1e-9, time.time() - self.t0)
-        rate = state.global_step / dt if state.global_step else 0.0
+        rate = self.steps / max(1e-9, time.time() - self.t0)
         eta = (self.total - state.global_step) / rate if rate else float("nan")
         return (f"epoch {state.epoch + 1}/{epochs} step {state.global_step}/{self.total} loss {loss:.4f} "
-                f"lr {lr:.2e} {self.samples / dt:.1f} samples/s ETA {eta:.0f}s")
+                f"lr {lr:.2e} {self.samples_per_s():.1f} samples/s ETA {eta:.0f}s")
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -263,6 +273,11 @@ def train_loop_per_worker(config: dict) -> None:
 
     def evaluate_and_checkpoint(metrics: dict) -> bool:
         """Validate on the fixed subset, checkpoint (rank 0), report (every rank); True: stop early."""
+        metrics["train_samples_per_s"] = progress.samples_per_s()
+        with progress.pause():
+            return _evaluate_and_checkpoint(metrics)
+
+    def _evaluate_and_checkpoint(metrics: dict) -> bool:
         nonlocal best
         val = validate(model, shard("val"), label_ids, rank, world, amp)
         score = val["metrics"].get("roc_auc", 0.0)

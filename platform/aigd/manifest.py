@@ -25,7 +25,7 @@ FORMAT_VERSION = 2
 _FINGERPRINT_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                      "intermediate_size", "vocab_size", "depth", "num_heads", "out_hidden_size", "patch_size")
 _CALIBRATION_KEYS = ("temperature", "threshold", "threshold_rule", "target_fpr", "threshold_at_target_fpr",
-                     "ece_before", "ece_after", "n")
+                     "uncertain_band", "band_precision", "ece_before", "ece_after", "n")
 
 
 def _now() -> str:

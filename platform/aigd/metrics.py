@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from aigd.decision import p_fake
+from aigd.decision import Rule, p_fake
 
 
 def confusion(y: np.ndarray, pred: np.ndarray) -> dict:
@@ -59,7 +59,9 @@ def brier(y: np.ndarray, p: np.ndarray) -> float:
     return float(np.mean((np.asarray(p, dtype=np.float64) - np.asarray(y, dtype=np.float64)) ** 2))
 
 
-def binary_metrics(y, p, threshold: float = 0.5) -> dict:
+def binary_metrics(y, p, threshold: float = 0.5, band: tuple[float, float] | None = None) -> dict:
+    """Metrics at the threshold; with an uncertain band also the coverage (share answered real or
+    fake) and the accuracy on that covered share."""
     y, p = np.asarray(y).astype(int), np.asarray(p, dtype=np.float64)
     c = confusion(y, p >= threshold)
     tp, fp, fn, tn = c["tp"], c["fp"], c["fn"], c["tn"]
@@ -72,7 +74,30 @@ def binary_metrics(y, p, threshold: float = 0.5) -> dict:
         "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
         "roc_auc": roc_auc(y, p), "average_precision": average_precision(y, p),
         "ece": ece(y, p), "brier": brier(y, p), "confusion": c, "threshold": threshold,
+        **(coverage(y, p, Rule(threshold, band)) if band is not None else {}),
     }
+
+
+def coverage(y, p, rule: Rule) -> dict:
+    labels = rule.label(np.asarray(p, dtype=np.float64))
+    covered = labels != "uncertain"
+    correct = (labels == "fake") == (np.asarray(y) == 1)
+    return {"coverage": float(covered.mean()) if len(labels) else float("nan"),
+            "covered_accuracy": float(correct[covered].mean()) if covered.any() else float("nan"),
+            "uncertain_band": list(rule.band)}
+
+
+def uncertain_band(y, p, threshold: float, precision: float) -> tuple[float, float]:
+    """[lo, hi) around the threshold: the smallest hi whose "fake" answers (p >= hi) and the largest
+    lo whose "real" answers (p < lo) keep `precision` on these (validation) scores. A side that never
+    reaches it answers nothing (hi above 1, or lo 0): its whole range is uncertain."""
+    y, p = np.asarray(y).astype(int), np.asarray(p, dtype=np.float64)
+    cands = np.unique(p)
+    hi = next((float(t) for t in cands[cands >= threshold]
+               if (y[p >= t] == 1).mean() >= precision), float(np.nextafter(1.0, 2.0)))
+    lo = next((float(t) for t in cands[cands <= threshold][::-1]
+               if (p < t).any() and (y[p < t] == 0).mean() >= precision), 0.0)
+    return min(lo, threshold), max(hi, threshold)
 
 
 def bootstrap_ci(y, p, metric: str, n_boot: int = 200, level: float = 0.95, seed: int = 0,
@@ -137,13 +162,16 @@ def accuracy_threshold(y, p) -> float:
     return float(candidates[best[np.argmin(np.abs(candidates[best] - 0.5))]])
 
 
-def fit_calibration(pair_logits, y, target_fpr: float = 0.05) -> dict:
+def fit_calibration(pair_logits, y, target_fpr: float = 0.05, band_precision: float = 0.95) -> dict:
     """The one calibration fit (export and evaluation): a temperature on the NLL, then the decision
-    threshold with the best accuracy and the one at `target_fpr`, all on the same (validation) scores."""
+    threshold with the best accuracy, the one at `target_fpr` and the uncertain band at
+    `band_precision`, all on the same (validation) scores."""
     z, y = np.asarray(pair_logits, dtype=np.float64), np.asarray(y).astype(int)
     temperature = fit_temperature(z, y) if len(np.unique(y)) == 2 else 1.0
     p = p_fake(z, temperature)
-    return {"temperature": temperature, "threshold": accuracy_threshold(y, p),
+    threshold = accuracy_threshold(y, p)
+    return {"temperature": temperature, "threshold": threshold,
             "threshold_rule": "max validation accuracy", "target_fpr": target_fpr,
             "threshold_at_target_fpr": threshold_at_fpr(y, p, target_fpr),
+            "uncertain_band": list(uncertain_band(y, p, threshold, band_precision)), "band_precision": band_precision,
             "ece_before": ece(y, p_fake(z)), "ece_after": ece(y, p), "n": int(len(y))}

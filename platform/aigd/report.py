@@ -40,7 +40,7 @@ def _plots(scores: dict, summary: dict, cfg: EvalConfig, out: Path) -> list[str]
     sub = {k: np.asarray(v)[clean] for k, v in scores.items()}
     y = sub["label"]
     probs = probabilities(sub, cfg)
-    thresholds = {m: t for m, (_, t) in probs.items()}
+    thresholds = {m: rule.threshold for m, (_, rule) in probs.items()}
     probs = {m: p for m, (p, _) in probs.items()}
     # ROC
     fig, ax = plt.subplots(figsize=(5, 5))
@@ -96,14 +96,16 @@ def _plots(scores: dict, summary: dict, cfg: EvalConfig, out: Path) -> list[str]
 
 
 def text_table(summary: dict) -> str:
-    """AUC, accuracy and fake recall at 0.5 per member: JPEG tends to turn fakes into "Real" before
-    it hurts the ranking, so AUC alone hides it."""
+    """AUC, accuracy and fake recall at each member's threshold, and the share answered (not
+    "uncertain"): JPEG tends to turn fakes into "Real" before it hurts the ranking, so AUC alone hides it."""
     members = list(summary["metrics"]["clean"])
-    lines = [f"{'':16s} " + " ".join(f"{m:>25s}" for m in members),
-             f"{'perturbation':16s} " + " ".join(f"{'AUC':>10s} {'acc':>5s} {'rec_fake':>8s}" for _ in members)]
+    lines = [f"{'':16s} " + " ".join(f"{m:>30s}" for m in members),
+             f"{'perturbation':16s} " + " ".join(f"{'AUC':>8s} {'acc':>5s} {'rec_fake':>8s} {'cover':>5s}"
+                                                 for _ in members)]
     for name, row in summary["metrics"].items():
         lines.append(f"{name:16s} " + " ".join(
-            f"{row[m]['roc_auc']:>10.3f} {row[m]['accuracy']:>5.3f} {row[m]['recall_fake']:>8.3f}" for m in members))
+            f"{row[m]['roc_auc']:>8.3f} {row[m]['accuracy']:>5.3f} {row[m]['recall_fake']:>8.3f} "
+            f"{row[m].get('coverage', float('nan')):>5.2f}" for m in members))
     return "\n".join(lines)
 
 
@@ -117,9 +119,10 @@ def write_report(scores: dict, summary: dict, cfg: EvalConfig, extra: dict, out:
             f"<td>{summary['metrics'][n][m]['roc_auc']:.3f} ({summary['auc_kept_vs_clean'][m][n]:.0%})</td>"
             for m in members) + "</tr>" for n in cfg.perturbations)
     clean = summary["metrics"]["clean"]
-    keys = ("accuracy", "precision", "recall_fake", "f1", "roc_auc", "average_precision", "ece", "brier")
+    keys = ("accuracy", "precision", "recall_fake", "f1", "roc_auc", "average_precision", "ece", "brier", "coverage",
+            "covered_accuracy")
     clean_rows = "".join(
-        f"<tr><td>{html.escape(m)}</td>" + "".join(f"<td>{clean[m][k]:.3f}</td>" for k in keys) +
+        f"<tr><td>{html.escape(m)}</td>" + "".join(f"<td>{clean[m].get(k, float('nan')):.3f}</td>" for k in keys) +
         f"<td>{clean[m].get('roc_auc_ci95', ['', ''])}</td></tr>" for m in members)
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>aigd evaluation</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{padding:4px 8px;border-bottom:1px solid #ddd}}</style>

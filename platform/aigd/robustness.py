@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from aigd.config import DecodeLimits, EvalConfig, ImagePolicy, from_dict
-from aigd.decision import ENSEMBLE, combine, ensemble_threshold, label, p_fake
+from aigd.decision import ENSEMBLE, Rule, combine, ensemble_rule, p_fake
 from aigd.errors import AigdError
 from aigd.images import decode, sniff
 from aigd.metrics import binary_metrics, bootstrap_ci, ece, fit_calibration
@@ -101,38 +101,48 @@ class ScoringActor:
             z = self.scorer.pair_logits(images, name)
             out[f"z_real_{name}"], out[f"z_fake_{name}"] = z[:, 0], z[:, 1]
             out[f"temperature_{name}"] = np.full(len(images), self.scorer.members[name].temperature)
-            out[f"threshold_{name}"] = np.full(len(images), self.scorer.members[name].threshold)
+            rule = self.scorer.members[name].rule
+            out[f"threshold_{name}"] = np.full(len(images), rule.threshold)
+            lo, hi = rule.band or (np.nan, np.nan)
+            out[f"band_lo_{name}"], out[f"band_hi_{name}"] = np.full(len(images), lo), np.full(len(images), hi)
         return out
 
 
 # --------------------------------------------------------------------------- metrics
 
 
+def _rule(scores: dict, name: str) -> Rule:
+    threshold = float(scores[f"threshold_{name}"][0]) if f"threshold_{name}" in scores else 0.5
+    lo = float(scores[f"band_lo_{name}"][0]) if f"band_lo_{name}" in scores else float("nan")
+    hi = float(scores[f"band_hi_{name}"][0]) if f"band_hi_{name}" in scores else float("nan")
+    return Rule(threshold, None if np.isnan(lo) else (lo, hi))
+
+
 def probabilities(scores: dict, cfg: EvalConfig) -> dict[str, tuple]:
-    """(calibrated P(fake), decision threshold) per adapter and for the ensemble, by aigd.decision's rules."""
+    """(calibrated P(fake), decision Rule) per adapter and for the ensemble, by aigd.decision's rules."""
     adapters = list(cfg.adapters)
     out = {}
     for name in adapters:
         z = np.stack([scores[f"z_real_{name}"], scores[f"z_fake_{name}"]], axis=1)
-        threshold = float(scores[f"threshold_{name}"][0]) if f"threshold_{name}" in scores else 0.5
-        out[name] = (p_fake(z, float(scores[f"temperature_{name}"][0])), threshold)
+        out[name] = (p_fake(z, float(scores[f"temperature_{name}"][0])), _rule(scores, name))
     members = list(cfg.ensemble.members or adapters)
     if len(members) > 1:
         p = combine({n: out[n][0] for n in members}, cfg.ensemble.weights)
-        out[ENSEMBLE] = (p, ensemble_threshold({n: out[n][1] for n in members}, cfg.ensemble))
+        out[ENSEMBLE] = (p, ensemble_rule({n: out[n][1] for n in members}, cfg.ensemble))
     return out
 
 
 def predictions(scores: dict, cfg: EvalConfig) -> dict:
     """One row per image and perturbation: P(fake) and label per member and for the ensemble."""
     out = {k: np.asarray(scores[k]) for k in ("img_id", "label", "perturbation")}
-    for name, (p, threshold) in probabilities(scores, cfg).items():
-        out[f"p_fake_{name}"], out[f"label_{name}"] = p, label(p, threshold)
+    for name, (p, rule) in probabilities(scores, cfg).items():
+        out[f"p_fake_{name}"], out[f"label_{name}"] = p, rule.label(p)
     return out
 
 
-def with_ci(y, p, threshold: float, n_boot: int) -> dict:
-    m = binary_metrics(y, p, threshold)
+def with_ci(y, p, rule: Rule, n_boot: int) -> dict:
+    threshold = rule.threshold
+    m = binary_metrics(y, p, threshold, rule.band)
     if n_boot and len(np.unique(y)) == 2:
         for key in ("accuracy", "f1", "roc_auc"):
             m[f"{key}_ci95"] = list(bootstrap_ci(y, p, key, n_boot=n_boot, threshold=threshold))

@@ -1,7 +1,7 @@
 """The one scoring front door: one copy of a base model with every exported adapter on it.
 
 Serving, evaluation, batch scoring and `aigd score` all score through `Scorer`: the image policy
-and each adapter's temperature and threshold come from the adapters' manifests, and answers are
+and each adapter's temperature, threshold and uncertain band come from the adapters' manifests, and answers are
 built by `aigd.decision`. A batch is scored with one forward pass per adapter over the images that
 asked for it: peft cannot mix adapters inside one batch when LoRA sits in the vision tower (the
 seed's kind), so adapters are switched between forwards, never within one, under a lock.
@@ -18,7 +18,7 @@ import torch
 
 from aigd.batching import model_batch
 from aigd.config import DecodeLimits, EnsembleConfig, ScoringConfig
-from aigd.decision import ensemble_answer, member_answer, p_fake
+from aigd.decision import Rule, ensemble_answer, member_answer, p_fake
 from aigd.errors import AdapterUnavailable, AigdError, ManifestMismatch, UnknownAdapter
 from aigd.manifest import check_compatible, policy_for, read_manifest
 from aigd.model import autocast, base_info, load_base
@@ -34,7 +34,7 @@ class Member:
     path: str
     manifest: dict
     temperature: float
-    threshold: float
+    rule: Rule  # threshold and uncertain band
 
     @property
     def version(self) -> dict:
@@ -81,8 +81,9 @@ class Scorer:
         else:
             self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name, is_trainable=False)
         cal = manifest["calibration"]
+        band = tuple(cal["uncertain_band"]) if cal.get("uncertain_band") else None
         return Member(name, path, manifest, float(cal["temperature"]),
-                      float(threshold if threshold is not None else cal["threshold"]))
+                      Rule(float(threshold if threshold is not None else cal["threshold"]), band))
 
     def member(self, name: str) -> Member:
         if name in self.members:
@@ -131,7 +132,7 @@ class Scorer:
 
     def answer(self, name: str, p: float) -> dict:
         m = self.member(name)
-        return member_answer(name, p, m.threshold, m.temperature, m.version)
+        return member_answer(name, p, m.rule, m.temperature, m.version)
 
     def answers(self, images: list[np.ndarray], ensemble: EnsembleConfig) -> list[dict]:
         """Per image: every member's answer, and the ensemble's when there are several members."""
@@ -149,7 +150,7 @@ class Scorer:
             "device": str(self.device),
             "image_policy": {"max_pixels": self.policy.max_pixels, "min_pixels": self.policy.min_pixels,
                              "prompt": self.policy.prompt, "prompt_version": self.policy.prompt_version},
-            "adapters": {n: {"temperature": m.temperature, "threshold": m.threshold, **m.version}
+            "adapters": {n: {"temperature": m.temperature, **m.rule.as_dict(), **m.version}
                          for n, m in self.members.items()},
             "unavailable": sorted(self.unavailable),
         }

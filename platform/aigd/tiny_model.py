@@ -11,6 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from aigd.batching import model_batch
+from aigd.config import ImagePolicy
+from aigd.prompt import PATCH, label_token_ids
+from aigd.scoring import answer_logits
+
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>",
     "<|im_start|>",
@@ -95,9 +100,44 @@ def _train_tokenizer(vocab_size: int):
     return tok
 
 
+def format_tune(model, processor, steps: int, seed: int) -> float:
+    """Teach a random base the answer FORMAT and nothing else, as Qwen's instruct model already knows
+    it: only lm_head trains, with full-vocabulary cross-entropy on random noise images with RANDOM
+    Real/Fake labels. Afterwards nearly all probability at the answer sits on the two label tokens,
+    split about evenly whatever the image, so Method 1's loss starts near ln 2 (not ln |vocab|) and
+    the base knows nothing about which answer is right. Returns the last loss."""
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.as_tensor(label_token_ids(processor.tokenizer))
+    policy = ImagePolicy(max_pixels=4 * PATCH * 4 * PATCH, min_pixels=2 * PATCH * 2 * PATCH)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    head = model.lm_head.weight
+    head.requires_grad_(True)
+    opt = torch.optim.Adam([head], lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / steps)
+    loss = torch.zeros(())
+    for _ in range(steps):
+        sides = rng.integers(2, 5, size=2) * PATCH
+        images = [rng.integers(0, 256, (sides[1], sides[0], 3), dtype=np.uint8) for _ in range(16)]
+        labels = torch.randint(0, 2, (16,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(answer_logits(model, model_batch(processor, images, policy)),
+                                                 ids[labels])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    head.requires_grad_(False)
+    return float(loss.detach())
+
+
 def build_tiny_model(out_dir: str | Path, seed: int = 0, vocab_size: int = 400, dims: dict = TINY_DIMS,
-                     dtype: str = "float32") -> Path:
-    """Write a complete Hugging Face folder (config, safetensors, tokenizer, processor)."""
+                     dtype: str = "float32", format_steps: int = 200) -> Path:
+    """Write a complete Hugging Face folder (config, safetensors, tokenizer, processor);
+    `format_steps` of `format_tune` first (0: purely random weights)."""
     import torch
     from transformers import (
         PreTrainedTokenizerFast,
@@ -167,12 +207,16 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, vocab_size: int = 400, 
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).to(getattr(torch, dtype))
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    format_loss = format_tune(model, processor, format_steps, seed) if format_steps else None
+    model = model.to(getattr(torch, dtype))
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
-    (out / "TINY_MODEL.json").write_text(json.dumps({"seed": seed, "dims": d, "note": "random weights"}))
+    (out / "TINY_MODEL.json").write_text(json.dumps({
+        "seed": seed, "dims": d, "format_steps": format_steps, "format_loss": format_loss,
+        "note": "random weights; lm_head format-tuned on random labels (answers Real/Fake, knows neither)"}))
     return out
 
 

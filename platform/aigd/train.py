@@ -14,12 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from aigd import config as C
-from aigd.data import (COUNTER_NAMESPACE, SPLITS, Subsample, balance, build_dataset, class_counts,
-                       configure_execution, skip_counter, skipped_counts, stratified)
+from aigd.data import (COUNTER_NAMESPACE, LIGHT_STAGE_CPUS, build_dataset, configure_execution, skip_counter,
+                       skipped_counts)
 from aigd.loop import train_loop_per_worker
 from aigd.manifest import new_manifest, write_adapter
 from aigd.metrics import fit_calibration
 from aigd.model import lora_target_regex
+from aigd.sampling import SPLITS, Subsample, balance, class_counts, keep_sampled, stratified
 from aigd.sources import is_remote, metadata, resolve_source
 from aigd.tiny_model import ensure_tiny_model
 
@@ -97,7 +98,17 @@ def make_datasets(cfg: C.TrainJobConfig, plan: DataPlan) -> dict:
         return build_dataset(cfg.data, split, processor, cfg.image, aug, epoch, sample,
                              batch_size=cfg.optim.batch_size, counter=counter_name(cfg))
 
-    ds = {f"train_{e}": build("train", cfg.augment, e, plan.balance[e]) for e in range(cfg.optim.epochs)}
+    if cfg.data.cache_preprocessed:
+        if cfg.augment.enabled:
+            raise C.ConfigError("data.cache_preprocessed would repeat one augmentation every epoch; it is for "
+                                "runs without augmentation (Method 1)")
+        every = build("train", None, 0, None).materialize()  # decoded and encoded once
+        ds = {f"train_{e}": every.map_batches(keep_sampled, fn_kwargs=dict(sample=plan.balance[e]),
+                                              batch_format="numpy", num_cpus=LIGHT_STAGE_CPUS,
+                                              concurrency=cfg.data.read_tasks)
+              if plan.balance[e] is not None else every for e in range(cfg.optim.epochs)}
+    else:
+        ds = {f"train_{e}": build("train", cfg.augment, e, plan.balance[e]) for e in range(cfg.optim.epochs)}
     ds["val"] = build("val", None, 0, plan.val_subset).materialize()
     ds["val_full"] = build("val", None, 0, None) if plan.val_subset is not None else ds["val"]
     return ds
@@ -209,3 +220,13 @@ def finish_run(cfg: C.TrainJobConfig, method: str, plan: DataPlan, result) -> Pa
     print(f"[{cfg.run.name}] adapter exported to {out}")
     print(f"score images with it: aigd score --adapter {out} IMAGE...")
     return out
+
+
+def run(method: str, preset: dict, description: str, argv=None) -> Path:
+    """A recipe, top to bottom: what jobs/train_method*.py run with their own preset."""
+    cfg = load_config(description, preset, argv)  # preset <- YAML <- a.b=c overrides
+    init_ray(cfg)
+    cfg, plan = prepare_run(cfg)  # one metadata pass: counts, balance per epoch, val subset
+    trainer = make_trainer(cfg, plan, make_datasets(cfg, plan))
+    result = trainer.fit()  # checkpoints, resume and restarts are Ray Train's; the loop is aigd.loop's
+    return finish_run(cfg, method, plan, result)  # calibrate on val, write adapter + manifest

@@ -24,9 +24,8 @@ from aigd import config as C
 from aigd import report as R
 from aigd import robustness as E
 from aigd.data import LIGHT_STAGE_CPUS, configure_execution
+from aigd.manifest import policy_for, update_calibration
 from aigd.sampling import class_counts, select_rows
-from aigd.manifest import update_calibration
-from aigd.manifest import policy_for
 from aigd.sources import metadata, read_source, resolve_source
 
 

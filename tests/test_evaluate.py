@@ -160,7 +160,7 @@ def test_evaluate_job_scores_the_test_split_and_writes_the_report(tmp_path, tiny
 
 def _test_counts(demo_data):
     from aigd.config import DataConfig
-    from aigd.data import class_counts
+    from aigd.sampling import class_counts
     from aigd.sources import metadata
 
     cfg = DataConfig(source="sid_parquet", path=str(demo_data), min_width=112, split_group_sep="/")

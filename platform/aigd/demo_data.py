@@ -26,7 +26,6 @@ SKIMAGE_PHOTOS = ("astronaut", "brick", "camera", "cell", "chelsea", "clock", "c
                   "rocket", "text")
 SIZES = ((112, 112), (140, 112), (112, 140), (168, 112), (112, 168))  # on Qwen's 28-px grid
 SMALL_SIZES = ((84, 84), (56, 84), (84, 56))
-SCHEMA_COLUMNS = ("img_id", "image", "mask", "width", "height", "label")
 
 
 def source_photos() -> dict[str, np.ndarray]:

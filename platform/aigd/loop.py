@@ -48,6 +48,7 @@ class LoopState:
     best_score: float = -1.0
     best_step: int = -1
     evals_since_best: int = 0
+    last_eval_step: int = -1  # so a resumed epoch end does not evaluate the same step twice
     finished: bool = False
     history: list = field(default_factory=list)
 
@@ -149,7 +150,8 @@ def load_checkpoint(path: Path, model, opt, sched) -> tuple[LoopState, dict | No
 
 
 def local_share(batches, rank: int, world: int):
-    """(batch index, batch) for this rank's batches: every world-th, starting at its rank."""
+    """(batch index, batch) for this rank's batches: every world-th, starting at its rank. Every rank
+    must read the batches in the same order (a materialized dataset)."""
     for i, batch in enumerate(batches):
         if i % world == rank:
             yield i, batch
@@ -179,14 +181,16 @@ def gather_rows(rows: np.ndarray, world: int) -> list[np.ndarray]:
 
 
 @torch.no_grad()
-def validate(model, batches, label_ids, rank: int, world: int, amp) -> dict:
+def validate(model, batches, label_ids, rank: int, world: int, amp, shard_batches: bool = True) -> dict:
     """Pair logits and labels of a validation set sharded by batch across ranks and gathered, in
-    the unsharded order, plus metrics at 0.5; identical on every rank."""
+    the unsharded order, plus metrics at 0.5; identical on every rank. shard_batches=False: each
+    rank scores every batch it is given (the streamed whole val split goes to rank 0 alone, since
+    an unmaterialized dataset has no order the ranks would agree on)."""
     inner = unwrap(model)  # DDP's forward would broadcast buffers, a collective the other ranks never join
     was_training = inner.training
     inner.eval()
     rows = []
-    for i, batch in local_share(batches, rank, world):
+    for i, batch in (local_share(batches, rank, world) if shard_batches else enumerate(batches)):
         with amp:
             z = pair_logits(answer_logits(inner, batch), label_ids).float().cpu().numpy()
         order = i * 1_000_000 + np.arange(len(z))
@@ -269,7 +273,10 @@ def train_loop_per_worker(config: dict) -> None:
               f"{total_steps} steps", flush=True)
 
     def shard(name: str):
-        return ray.train.get_dataset_shard(name).iter_torch_batches(batch_size=o.batch_size, collate_fn=to_batch)
+        # device="cpu": labels and counters stay on the CPU (Ray would move every tensor to the GPU);
+        # answer_logits moves the model inputs itself.
+        return ray.train.get_dataset_shard(name).iter_torch_batches(batch_size=o.batch_size, collate_fn=to_batch,
+                                                                    device="cpu")
 
     def evaluate_and_checkpoint(metrics: dict) -> bool:
         """Validate on the fixed subset, checkpoint (rank 0), report (every rank); True: stop early."""
@@ -280,6 +287,7 @@ def train_loop_per_worker(config: dict) -> None:
     def _evaluate_and_checkpoint(metrics: dict) -> bool:
         nonlocal best
         val = validate(model, shard("val"), label_ids, rank, world, amp)
+        state.last_eval_step = state.global_step
         score = val["metrics"].get("roc_auc", 0.0)
         if score > state.best_score:
             state.best_score, state.best_step, state.evals_since_best = score, state.global_step, 0
@@ -314,7 +322,6 @@ def train_loop_per_worker(config: dict) -> None:
         epoch, skip = state.epoch, state.batches_done
         fed = torch.zeros(2)
         running: list[float] = []
-        evaluated_at = -1
         for i, batch in enumerate(shard(f"train_{epoch}")):
             if i < skip:
                 continue  # consumed before the checkpoint we resumed from
@@ -348,7 +355,7 @@ def train_loop_per_worker(config: dict) -> None:
                 state.next_eval_at = state.samples + o.eval_every_samples
                 stop = evaluate_and_checkpoint({"loss": sum(running) / len(running), "lr": sched.get_last_lr()[0],
                                                 "epoch": epoch, "step": state.global_step})
-                running, evaluated_at = [], state.global_step
+                running = []
             if stop or state.global_step >= total_steps:
                 stop = True
                 break
@@ -360,7 +367,7 @@ def train_loop_per_worker(config: dict) -> None:
             print(f"epoch {epoch + 1} fed real={int(fed[0])} fake={int(fed[1])}", flush=True)
         if not stop:
             state.epoch, state.batches_done = epoch + 1, 0
-            if evaluated_at != state.global_step:
+            if state.last_eval_step != state.global_step:
                 state.next_eval_at = state.samples + o.eval_every_samples
                 stop = evaluate_and_checkpoint({"loss": sum(running) / max(1, len(running)),
                                                 "lr": sched.get_last_lr()[0], "epoch": epoch,
@@ -370,7 +377,8 @@ def train_loop_per_worker(config: dict) -> None:
     if not state.finished:
         if best is not None:
             load_trainable(model, best)
-        val = validate(model, shard("val_full"), label_ids, rank, world, amp)
+        val = validate(model, shard("val_full") if rank == 0 else [], label_ids, rank, world, amp,
+                       shard_batches=False)
         state.finished = True
         _report({"step": state.global_step, "best_step": state.best_step, FINAL: 1,
                  **{f"val_{k}": v for k, v in val["metrics"].items() if isinstance(v, (int, float))}}, val, final=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from aigd.decision import Rule, p_fake
+from aigd.decision import UNCERTAIN, Rule, p_fake
 
 
 def confusion(y: np.ndarray, pred: np.ndarray) -> dict:
@@ -80,7 +80,7 @@ def binary_metrics(y, p, threshold: float = 0.5, band: tuple[float, float] | Non
 
 def coverage(y, p, rule: Rule) -> dict:
     labels = rule.label(np.asarray(p, dtype=np.float64))
-    covered = labels != "uncertain"
+    covered = labels != UNCERTAIN
     correct = (labels == "fake") == (np.asarray(y) == 1)
     return {"coverage": float(covered.mean()) if len(labels) else float("nan"),
             "covered_accuracy": float(correct[covered].mean()) if covered.any() else float("nan"),
@@ -95,7 +95,8 @@ def uncertain_band(y, p, threshold: float, precision: float) -> tuple[float, flo
     cands = np.unique(p)
     hi = next((float(t) for t in cands[cands >= threshold]
                if (y[p >= t] == 1).mean() >= precision), float(np.nextafter(1.0, 2.0)))
-    lo = next((float(t) for t in cands[cands <= threshold][::-1]
+    lo_cands = np.unique(np.append(cands[cands <= threshold], threshold))
+    lo = next((float(t) for t in lo_cands[::-1]
                if (p < t).any() and (y[p < t] == 0).mean() >= precision), 0.0)
     return min(lo, threshold), max(hi, threshold)
 

@@ -10,7 +10,6 @@ fixed seed reproduces them on any machine.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 from functools import lru_cache
 import numpy as np
@@ -19,7 +18,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from aigd.batching import collate, encode, pixel_affine
 from aigd.config import AugmentConfig, DataConfig, DecodeLimits, ImagePolicy
 from aigd.errors import AigdError
-from aigd.images import decode
+from aigd.images import decode, jpeg
 from aigd.prompt import prepare_image, target_size
 from aigd.sampling import Subsample, select_rows
 from aigd.sources import DataError, image_bytes, read_source
@@ -47,7 +46,6 @@ def augment(img, aug: AugmentConfig, rng: np.random.Generator):
     """
     import torch
     import torchvision.transforms.v2 as T
-    from PIL import Image
 
     torch_gen_seed = int(rng.integers(0, 2**31 - 1))
     with torch.random.fork_rng(devices=[]):
@@ -62,11 +60,7 @@ def augment(img, aug: AugmentConfig, rng: np.random.Generator):
     quality = -1
     if rng.random() < aug.jpeg_p:
         quality = int(rng.integers(aug.jpeg_quality[0], aug.jpeg_quality[1] + 1))
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=quality)
-        buf.seek(0)
-        img = Image.open(buf)
-        img.load()
+        img = jpeg(img, quality)
     return img, quality
 
 

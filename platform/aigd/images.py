@@ -69,6 +69,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
+def jpeg(img: Image.Image, quality: int) -> Image.Image:
+    """The image as a JPEG at `quality` would decode: Method 2's compression simulation and the
+    evaluation's JPEG perturbations alike."""
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    buf.seek(0)
+    out = Image.open(buf)
+    out.load()
+    return out
+
+
 def decode(data: bytes, limits: DecodeLimits = DecodeLimits(), draft_to: tuple[int, int] | None = None) -> Image.Image:
     """Bytes to an upright RGB image, or one of the errors above. GIFs give their first frame.
 

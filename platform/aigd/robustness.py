@@ -8,7 +8,6 @@ learned aspect ratio or file format instead of the generator loses its AUC there
 
 from __future__ import annotations
 
-import io
 import re
 
 import numpy as np
@@ -17,7 +16,7 @@ from PIL import Image
 from aigd.config import DecodeLimits, EvalConfig, ImagePolicy, from_dict
 from aigd.decision import ENSEMBLE, Rule, combine, ensemble_rule, p_fake
 from aigd.errors import AigdError
-from aigd.images import decode, sniff
+from aigd.images import decode, jpeg, sniff
 from aigd.metrics import binary_metrics, bootstrap_ci, ece, fit_calibration
 from aigd.prompt import prepare_image
 from aigd.scorer import Scorer
@@ -31,15 +30,6 @@ def check_perturbation(name: str) -> None:
     if name in ("clean", "equalized") or _JPEG.match(name) or _SCALE.match(name) or _CROP.match(name):
         return
     raise ValueError(f"unknown perturbation {name!r}: clean, jpeg_q<Q>, downscale_<F>, center_crop_<F>, equalized")
-
-
-def jpeg(img: Image.Image, quality: int) -> Image.Image:
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=quality)
-    buf.seek(0)
-    out = Image.open(buf)
-    out.load()
-    return out
 
 
 def perturb(img: Image.Image, name: str) -> Image.Image:

@@ -20,7 +20,7 @@ from aigd.batching import model_batch
 from aigd.config import DecodeLimits, EnsembleConfig, ScoringConfig
 from aigd.decision import Rule, ensemble_answer, member_answer, p_fake
 from aigd.errors import AdapterUnavailable, AigdError, ManifestMismatch, UnknownAdapter
-from aigd.manifest import check_compatible, policy_for, read_manifest
+from aigd.manifest import check_compatible, policy_dict, policy_for, read_manifest
 from aigd.model import autocast, base_info, load_base
 from aigd.prompt import label_token_ids, prepare
 from aigd.scoring import answer_logits, pair_logits
@@ -148,8 +148,7 @@ class Scorer:
         return {
             "base": {k: self.base[k] for k in ("checkpoint", "backend", "dtype", "quantization", "fingerprint")},
             "device": str(self.device),
-            "image_policy": {"max_pixels": self.policy.max_pixels, "min_pixels": self.policy.min_pixels,
-                             "prompt": self.policy.prompt, "prompt_version": self.policy.prompt_version},
+            "image_policy": policy_dict(self.policy),
             "adapters": {n: {"temperature": m.temperature, **m.rule.as_dict(), **m.version}
                          for n, m in self.members.items()},
             "unavailable": sorted(self.unavailable),

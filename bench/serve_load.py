@@ -30,6 +30,10 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+# As the Makefile sets them: the demo's files under the repo, a loopback cluster without token auth.
+for key, value in {"AIGD_HOME": str(REPO / ".aigd"), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+                   "HF_HUB_OFFLINE": "1"}.items():
+    os.environ.setdefault(key, value)
 
 
 def demo_args() -> dict:
@@ -50,6 +54,14 @@ def sample_images(n: int) -> list[bytes]:
         Image.fromarray(rng.integers(0, 255, (112, 140, 3), dtype=np.uint8)).save(buf, format="PNG")
         out.append(buf.getvalue())
     return out[:n]
+
+
+def require_adapters(args: dict) -> None:
+    from aigd.config import expand
+
+    for name, path in args["adapters"].items():
+        if not Path(expand(path)).exists():
+            raise SystemExit(f"adapter {name} missing at {expand(path)}: run `make train-demo`")
 
 
 def free_port() -> int:
@@ -115,11 +127,7 @@ def serve_figures(args, images) -> dict:
     from serve.app import build_app
 
     base = demo_args()
-    for name in base["adapters"]:
-        from aigd.config import expand
-
-        if not Path(expand(base["adapters"][name])).exists():
-            raise SystemExit(f"adapter {name} missing at {expand(base['adapters'][name])}: run `make train-demo`")
+    require_adapters(base)
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     port = free_port()

@@ -11,9 +11,14 @@ and binds the deployments; the model loads inside the Detector replicas.
 import asyncio
 import base64
 import binascii
+import functools
+import hmac
 import json
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
@@ -21,18 +26,22 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from aigd import __version__
 from aigd import config as C
 from aigd.decision import ENSEMBLE, ensemble_answer
-from aigd.errors import (AdapterUnavailable, AigdError, BadRequest, BodyTooLarge, MemberFailed, Overloaded,
-                         UnknownAdapter, UnsupportedMediaType, error_body, http_status)
+from aigd.errors import (AdapterUnavailable, AigdError, BadRequest, BodyTooLarge, DeadlineExceeded, Forbidden,
+                         MemberFailed, MethodNotAllowed, NotFound, Overloaded, ReplicaLost, RequestTimeout,
+                         Unauthorized, UnknownAdapter, UnsupportedMediaType, error_body, http_status)
 from aigd.manifest import policy_for
 from aigd.prompt import prepare
 
 log = logging.getLogger("ray.serve")
 
-api = FastAPI(title="aigd: AI-generated image detection", version=__version__,
+# redirect_slashes off: `/v1/detect/` is a JSON 404 like any unknown path, not a redirect.
+api = FastAPI(title="aigd: AI-generated image detection", version=__version__, redirect_slashes=False,
               description="P(fake) for an image from LoRA adapters on Qwen2.5-VL. Send image bytes: "
                           "multipart (field `image`), JSON `{\"image\": \"<base64>\"}` or a raw image body.")
 
@@ -44,6 +53,8 @@ UNHEALTHY_AFTER = 3  # consecutive batches where every adapter failed
 def error_response(exc: BaseException, retry_after_s: int) -> JSONResponse:
     status = http_status(exc)
     headers = {"Retry-After": str(retry_after_s)} if status in (429, 503) else None
+    if status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
     return JSONResponse(error_body(exc), status_code=status, headers=headers)
 
 
@@ -51,6 +62,19 @@ def error_response(exc: BaseException, retry_after_s: int) -> JSONResponse:
 async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
     where = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
     return error_response(BadRequest(where or "invalid request"), 1)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Routing errors (unknown path, wrong method) in the same JSON shape as every other error."""
+    if exc.status_code == 404:
+        return error_response(NotFound(f"no endpoint {request.url.path}; see /docs"), 1)
+    if exc.status_code == 405:
+        response = error_response(MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}"), 1)
+        response.headers.update(exc.headers or {})
+        return response
+    return JSONResponse({"error": {"code": f"http_{exc.status_code}", "message": str(exc.detail)}},
+                        status_code=exc.status_code, headers=exc.headers)
 
 
 # --------------------------------------------------------------------------- model replica
@@ -110,18 +134,33 @@ class Detector:
 # --------------------------------------------------------------------------- HTTP router
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The body, refused with 413 as soon as it (declared or streamed) passes the cap."""
+async def read_body(request: Request, limits: C.RequestLimits) -> bytes:
+    """The body, under the size cap (413) and the deadlines (408): total time and the longest gap
+    between chunks, so a stalled or trickling upload is dropped instead of held."""
+    max_bytes = int(limits.max_body_mb * 2**20)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise BodyTooLarge(f"body of {declared} bytes exceeds the limit of {max_bytes}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limits.body_timeout_s
+    chunks, size, stream = [], 0, request.stream()
+    while True:
+        wait = min(limits.body_idle_timeout_s, deadline - loop.time())
+        try:
+            if wait <= 0:
+                raise TimeoutError
+            chunk = await asyncio.wait_for(anext(stream), wait)
+        except StopAsyncIteration:
+            return b"".join(chunks)
+        except TimeoutError:
+            raise RequestTimeout(f"request body not received in time ({size} bytes after at most "
+                                 f"{limits.body_timeout_s:g} s, {limits.body_idle_timeout_s:g} s between chunks)") from None
+        except ClientDisconnect:
+            raise BadRequest("client disconnected before the body was complete") from None
         size += len(chunk)
         if size > max_bytes:
             raise BodyTooLarge(f"body exceeds the limit of {max_bytes} bytes")
         chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _b64(value, where: str) -> bytes:
@@ -133,8 +172,31 @@ def _b64(value, where: str) -> bytes:
         raise BadRequest(f"{where} is not valid base64") from None
 
 
-async def image_payloads(request: Request, body: bytes, max_images: int) -> list[bytes]:
-    """Image bytes from multipart (`image`/`file` fields), JSON base64 or a raw image body. No URLs."""
+def json_images(body: bytes, max_images: int) -> list[bytes]:
+    """Image bytes from a JSON body; runs in a worker thread (parsing and base64 of 20 MB take a
+    while). The count is checked before anything is decoded."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python's parser goes
+        raise BadRequest("body is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise BadRequest('JSON body must be an object like {"image": "<base64>"}')
+    if "url" in doc or "urls" in doc:
+        raise BadRequest("URLs are not fetched; send the image bytes (base64)")
+    if "images" in doc:
+        if not isinstance(doc["images"], list):
+            raise BadRequest("`images` must be a list of base64 strings")
+        if len(doc["images"]) > max_images:
+            raise BadRequest(f"{len(doc['images'])} images in one request; the limit is {max_images}")
+        return [_b64(v, f"images[{i}]") for i, v in enumerate(doc["images"])]
+    if "image" in doc:
+        return [_b64(doc["image"], "image")]
+    raise BadRequest('JSON body needs "image" (base64) or "images" (list of base64)')
+
+
+async def image_payloads(request: Request, body: bytes, max_images: int, cpu) -> list[bytes]:
+    """Image bytes from multipart (`image`/`file` fields), JSON base64 or a raw image body. No URLs.
+    `cpu(fn, *args)` runs CPU-heavy parsing off the event loop (the router's bounded pool)."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         async def replay():
@@ -142,26 +204,11 @@ async def image_payloads(request: Request, body: bytes, max_images: int) -> list
 
         try:
             form = await Request(request.scope, replay).form(max_files=max_images, max_part_size=len(body) + 1)
-        except Exception as e:  # malformed multipart
+        except Exception as e:  # malformed multipart, too many files
             raise BadRequest(f"cannot parse multipart body: {e}") from None
         out = [await v.read() for _, v in form.multi_items() if hasattr(v, "read")]
     elif ctype == "application/json":
-        try:
-            doc = json.loads(body)
-        except ValueError:
-            raise BadRequest("body is not valid JSON") from None
-        if not isinstance(doc, dict):
-            raise BadRequest('JSON body must be an object like {"image": "<base64>"}')
-        if "url" in doc or "urls" in doc:
-            raise BadRequest("URLs are not fetched; send the image bytes (base64)")
-        if "images" in doc:
-            if not isinstance(doc["images"], list):
-                raise BadRequest("`images` must be a list of base64 strings")
-            out = [_b64(v, f"images[{i}]") for i, v in enumerate(doc["images"])]
-        elif "image" in doc:
-            out = [_b64(doc["image"], "image")]
-        else:
-            raise BadRequest('JSON body needs "image" (base64) or "images" (list of base64)')
+        out = await cpu(json_images, body, max_images)
     elif ctype.startswith("image/") or ctype in ("application/octet-stream", ""):
         out = [body] if body else []
     else:
@@ -174,6 +221,36 @@ async def image_payloads(request: Request, body: bytes, max_images: int) -> list
     return out
 
 
+def api_keys(auth: C.AuthConfig) -> list[bytes]:
+    keys = os.environ.get(auth.keys_env, "").split(",")
+    if auth.keys_file:
+        path = Path(auth.keys_file).expanduser()
+        if not path.is_file():
+            raise C.ConfigError(f"auth.keys_file {path} does not exist on this node")
+        keys += path.read_text().splitlines()
+    keys = [k.strip().encode() for k in keys if k.strip()]
+    if auth.enabled and not keys:
+        raise C.ConfigError(f"auth.enabled but no API key in ${auth.keys_env}"
+                            + (f" or {auth.keys_file}" if auth.keys_file else ""))
+    return keys
+
+
+def check_api_key(request: Request, keys: list[bytes]) -> None:
+    """401 without a key, 403 with a wrong one; every configured key is compared (constant time)."""
+    given = request.headers.get("x-api-key")
+    bearer = request.headers.get("authorization", "")
+    if given is None and bearer[:7].lower() == "bearer ":
+        given = bearer[7:].strip()
+    if not given:
+        raise Unauthorized("API key required: send `Authorization: Bearer <key>` or `X-API-Key: <key>`")
+    presented = given.encode("utf-8", "replace")
+    accepted = False
+    for key in keys:
+        accepted |= hmac.compare_digest(presented, key)
+    if not accepted:
+        raise Forbidden("API key not accepted")
+
+
 @serve.deployment
 @serve.ingress(api)
 class Router:
@@ -183,8 +260,13 @@ class Router:
         self.detector = detector
         self.cfg = C.from_dict(C.ServeConfig, cfg)
         self.policy = policy_for(self.cfg)
+        self.keys = api_keys(self.cfg.auth) if self.cfg.auth.enabled else []
         self.ensemble_members = list(self.cfg.ensemble.members or self.cfg.adapters)
         self.in_flight = 0
+        # The replica's CPU budget for request work (JSON/base64 parsing, image decoding): a few
+        # threads, so the event loop keeps answering, memory stays bounded, and work a cancelled
+        # request (client gone, deadline passed) had queued is dropped before it starts.
+        self.cpu_pool = ThreadPoolExecutor(self.cfg.router.decode_concurrency, thread_name_prefix="decode")
         self.requests = Counter("aigd_requests_total", description="HTTP requests",
                                 tag_keys=("endpoint", "adapter", "status"))
         self.verdicts = Counter("aigd_verdicts_total", description="answers by label",
@@ -192,44 +274,71 @@ class Router:
         self.latency = Histogram("aigd_request_latency_ms", description="request latency",
                                  boundaries=LATENCY_MS, tag_keys=("endpoint",))
 
-    # ---- plumbing: admission, errors, metrics
+    # ---- plumbing: access, body, admission, errors, metrics
 
-    async def _answer(self, endpoint: str, adapter: str, work) -> JSONResponse:
+    async def _answer(self, request: Request, endpoint: str, adapter: str, work, body: bool = True) -> JSONResponse:
+        """Key check, then the whole body (before admission: a slow upload holds no slot), then
+        admission and `work(body)` under the request deadline; every failure a JSON error. A full
+        replica refuses before reading the body, which keeps overload cheap."""
         t0 = time.perf_counter()
-        if self.in_flight >= self.cfg.router.max_in_flight:
-            response = error_response(Overloaded("server busy; retry later"), self.cfg.retry_after_s)
-        else:
-            self.in_flight += 1
-            try:
-                response = JSONResponse(await work())
-            except AigdError as e:
-                response = error_response(e, self.cfg.retry_after_s)
-            except Exception as e:  # never a traceback, never a dead replica
-                log.exception("%s failed", endpoint)
-                response = error_response(e, self.cfg.retry_after_s)
-            finally:
-                self.in_flight -= 1
-        self.requests.inc(tags={"endpoint": endpoint, "adapter": adapter, "status": str(response.status_code)})
+        try:
+            if self.cfg.auth.enabled:
+                check_api_key(request, self.keys)
+            self._check_capacity()  # full already: refuse before pulling the body through the proxy
+            data = await read_body(request, self.cfg.request) if body else b""
+            response = JSONResponse(await self._admitted(work, data))
+        except AigdError as e:
+            response = error_response(e, self.cfg.retry_after_s)
+        except Exception as e:  # never a traceback, never a dead replica; the log keeps the details
+            log.exception("%s failed", endpoint)
+            response = error_response(e, self.cfg.retry_after_s)
+        # A label per configured name only: a client cannot grow the metrics with made-up names.
+        label = adapter if adapter in self.cfg.adapters or adapter in (ENSEMBLE, "") else "unknown"
+        self.requests.inc(tags={"endpoint": endpoint, "adapter": label, "status": str(response.status_code)})
         self.latency.observe((time.perf_counter() - t0) * 1000, tags={"endpoint": endpoint})
         return response
 
-    async def _images(self, request: Request, max_images: int = 1) -> list[bytes]:
-        body = await read_body(request, int(self.cfg.request.max_body_mb * 2**20))
-        return await image_payloads(request, body, max_images)
+    async def _cpu(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.cpu_pool, functools.partial(fn, *args))
+
+    def _check_capacity(self) -> None:
+        if self.in_flight >= self.cfg.router.max_in_flight:
+            raise Overloaded("server busy; retry later")
+
+    async def _admitted(self, work, data: bytes):
+        self._check_capacity()
+        self.in_flight += 1
+        try:
+            async with asyncio.timeout(self.cfg.request.timeout_s):
+                return await work(data)
+        except TimeoutError:
+            raise DeadlineExceeded(f"not answered within {self.cfg.request.timeout_s:g} s; retry later") from None
+        finally:
+            self.in_flight -= 1
 
     async def _score(self, data: bytes, adapters: tuple[str, ...]) -> tuple[dict, dict]:
-        from ray.serve.exceptions import BackPressureError
-
         t0 = time.perf_counter()
-        pixels = await asyncio.to_thread(prepare, data, self.cfg.limits, self.policy)
+        pixels = await self._cpu(prepare, data, self.cfg.limits, self.policy)
         t1 = time.perf_counter()
-        try:
-            out = await self.detector.score.remote(pixels, adapters)
-        except BackPressureError:
-            raise Overloaded("model replicas are at capacity; retry later") from None
+        out = await self._model(pixels, adapters)
         timing = {"decode_ms": round((t1 - t0) * 1000, 2), "model_ms": round((time.perf_counter() - t1) * 1000, 2),
                   "batch_size": out["batch_size"], "replica": out["replica"]}
         return out["members"], timing
+
+    async def _model(self, pixels: np.ndarray, adapters: tuple[str, ...]) -> dict:
+        """The model replica's answer. Scoring has no side effects, so a request whose replica died
+        under it (SIGKILL, OOM, node loss) is sent once more; Serve routes it to a live replica."""
+        from ray.exceptions import RayActorError
+        from ray.serve.exceptions import BackPressureError
+
+        for attempt in range(2):
+            try:
+                return await self.detector.score.remote(pixels, adapters)
+            except BackPressureError:
+                raise Overloaded("model replicas are at capacity; retry later") from None
+            except RayActorError:
+                log.warning("model replica died under a request (attempt %d of 2)", attempt + 1)
+        raise ReplicaLost("the model replica was lost twice; retry later")
 
     def _check_adapter(self, adapter: str) -> None:
         if adapter not in self.cfg.adapters:
@@ -257,45 +366,49 @@ class Router:
 
     @api.post("/v1/detect", summary="P(fake) from one adapter")
     async def detect(self, request: Request, adapter: str = Query(..., description="adapter name, e.g. method1")):
-        async def work():
+        async def work(body: bytes):
             self._check_adapter(adapter)
-            return await self._detect_one((await self._images(request))[0], adapter)
+            return await self._detect_one((await image_payloads(request, body, 1, self._cpu))[0], adapter)
 
-        return await self._answer("detect", adapter, work)
+        return await self._answer(request, "detect", adapter, work)
 
     @api.post("/v1/ensemble", summary="P(fake) from every ensemble member, combined")
     async def ensemble(self, request: Request):
-        async def work():
-            return await self._ensemble_one((await self._images(request))[0])
+        async def work(body: bytes):
+            return await self._ensemble_one((await image_payloads(request, body, 1, self._cpu))[0])
 
-        return await self._answer("ensemble", "ensemble", work)
+        return await self._answer(request, "ensemble", ENSEMBLE, work)
 
     @api.post("/v1/detect/batch", summary="several images; adapter=NAME or ensemble")
     async def detect_batch(self, request: Request, adapter: str = Query("ensemble")):
         async def one(data: bytes) -> dict:
+            """An image's answer or its own error: one bad image never fails the others."""
             try:
                 if adapter == ENSEMBLE:
                     return await self._ensemble_one(data)
                 return await self._detect_one(data, adapter)
             except AigdError as e:
                 return {**error_body(e), "status": http_status(e)}
+            except Exception as e:
+                log.exception("detect_batch: one image failed")
+                return {**error_body(e), "status": http_status(e)}
 
-        async def work():
+        async def work(body: bytes):
             if adapter != ENSEMBLE:
                 self._check_adapter(adapter)
-            images = await self._images(request, self.cfg.request.max_batch_images)
+            images = await image_payloads(request, body, self.cfg.request.max_batch_images, self._cpu)
             results = await asyncio.gather(*(one(d) for d in images))
             return {"adapter": adapter, "results": [{"index": i, **r} for i, r in enumerate(results)]}
 
-        return await self._answer("detect_batch", adapter, work)
+        return await self._answer(request, "detect_batch", adapter, work)
 
     @api.get("/v1/models", summary="loaded adapters and their manifests")
-    async def models(self):
-        async def work():
+    async def models(self, request: Request):
+        async def work(_: bytes):
             info = await self.detector.info.remote()
-            return {**info, "ensemble": {"members": self.ensemble_members, **C.to_dict(self.cfg.ensemble)}}
+            return {**info, "ensemble": {**C.to_dict(self.cfg.ensemble), "members": self.ensemble_members}}
 
-        return await self._answer("models", "", work)
+        return await self._answer(request, "models", "", work, body=False)
 
     @api.get("/healthz", summary="the router is up")
     async def healthz(self):
@@ -323,7 +436,9 @@ def deployment_options(cfg: C.ServeConfig) -> tuple[dict, dict]:
         ray_actor_options={"num_cpus": d.num_cpus, "num_gpus": d.num_gpus})
     router = dict(
         autoscaling_config=C.to_dict(r.autoscaling), max_ongoing_requests=r.max_ongoing_requests,
-        max_queued_requests=r.max_queued_requests, ray_actor_options={"num_cpus": r.num_cpus})
+        max_queued_requests=r.max_queued_requests,
+        # glibc gives every decode thread its own malloc arena, which kept growing under overload.
+        ray_actor_options={"num_cpus": r.num_cpus, "runtime_env": {"env_vars": {"MALLOC_ARENA_MAX": "2"}}})
     return detector, router
 
 

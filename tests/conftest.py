@@ -25,7 +25,7 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
-SMALL_DEMO = dict(rows_per_class=120, tampered_rows=10, small_rows=12, corrupt_rows=2, shards=2, seed=0)
+SMALL_DEMO = dict(rows_per_class=120, tampered_rows=10, small_rows=12, corrupt_rows=5, shards=2, seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -46,9 +46,9 @@ def _expected_counts(table, cfg):
 def test_filter_and_split_counts_are_exact(cfg, table):
     counts = S.class_counts(cfg, metadata(cfg))
     assert counts == _expected_counts(table, cfg)
-    assert sum(map(sum, counts.values())) == 2 * (120 + 1)  # 120 + 1 corrupt per class; small + tampered dropped
+    assert sum(map(sum, counts.values())) == 2 * 120 + 5  # 120 per class + 5 unreadable; small + tampered dropped
     everything = S.select_rows(table, cfg, "all")  # evaluation of a whole folder: filters, no split
-    assert everything.num_rows == 2 * (120 + 1) and set(everything.column("label").to_pylist()) == {0, 1}
+    assert everything.num_rows == 2 * 120 + 5 and set(everything.column("label").to_pylist()) == {0, 1}
 
 
 def test_tampered_can_count_as_fake(cfg):
@@ -132,7 +132,7 @@ def test_corrupt_rows_are_skipped_and_counted(cfg, tiny_model, table, ray_local)
     skipped = D.skipped_counts(counter)
     ray.kill(ray.get_actor(counter, namespace=D.COUNTER_NAMESPACE))
     corrupt = corrupt_by_split(Path(cfg.path))
-    assert sum(map(len, corrupt.values())) == 2  # the demo writes two truncated JPEGs
+    assert sum(map(len, corrupt.values())) == 5  # one of each aigd.demo_data.BAD_KINDS
     corrupt_in_train = len(corrupt["train"])
     assert skipped.get("train", 0) == corrupt_in_train
     assert len(rows) + corrupt_in_train == sum(counts["train"])

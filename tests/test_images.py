@@ -80,3 +80,55 @@ def test_animated_gif_gives_first_frame():
     frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
     out = decode(buf.getvalue())
     assert out.size == (32, 32) and out.mode == "RGB"
+
+
+@pytest.mark.parametrize("name", sorted(__import__("bench.hostile_inputs", fromlist=["CASES"]).CASES))
+def test_hostile_inputs_inside_the_byte_caps_get_their_documented_answer(name):
+    """CPU and memory bombs are refused from the header or the file's structure; real-looking large or
+    odd images (16-bit, broken EXIF, 48 MP camera JPEG) decode to the policy's grid."""
+    from bench.hostile_inputs import CASES
+
+    from aigd.config import ImagePolicy
+    from aigd.errors import AigdError
+    from aigd.prompt import prepare, target_size
+
+    make, expected = CASES[name]
+    data = make()
+    assert len(data) < 3 * 2**20
+    if expected == "ok":
+        pixels = prepare(data, DecodeLimits.preset("serving"), ImagePolicy())
+        h, w, _ = pixels.shape
+        assert target_size(w, h, ImagePolicy()) == (w, h) and pixels.dtype == np.uint8
+    else:
+        with pytest.raises(AigdError) as e:
+            prepare(data, DecodeLimits.preset("serving"), ImagePolicy())
+        assert e.value.code == expected and 400 <= http_status(e.value) < 500
+
+
+def test_decoding_at_the_policy_size_matches_a_full_decode_closely():
+    """The reduced decode (JPEG DCT scaling, box reduction) is what the model sees everywhere; it must
+    stay close to resizing the full-size image."""
+    from aigd.config import ImagePolicy
+    from aigd.prompt import prepare, prepare_image
+
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).resize((1600, 1200),
+                                                                                    Image.Resampling.BICUBIC)
+    policy = ImagePolicy(max_pixels=140 * 140)
+    for fmt in ("PNG", "JPEG"):
+        data = _bytes(img, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+        reduced = prepare(data, DecodeLimits(), policy).astype(np.float32)
+        full = prepare_image(decode(data), policy).astype(np.float32)
+        assert reduced.shape == full.shape
+        assert np.abs(reduced - full).mean() < 3.0, fmt
+
+
+def test_image_limits_name_the_format_cap():
+    from bench.hostile_inputs import jpeg_48mp
+
+    data = jpeg_48mp()
+    decode(data, DecodeLimits(), model_size=lambda w, h: (512, 384))  # JPEG: the large cap
+    with pytest.raises(ImageTooLarge, match="JPEG"):
+        decode(data, DecodeLimits(max_jpeg_pixels=20_000_000))
+    with pytest.raises(ImageTooLarge, match="PNG"):
+        decode(_png_header_only(5000, 4000))  # 20 MP: above the 16.7 MP full-decode cap

@@ -9,6 +9,7 @@ import socket
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,8 +33,8 @@ def _config(tiny_model, adapters: dict, **changes) -> dict:
         "image": dict(SERVE_POLICY),
         "adapters": {k: str(v) for k, v in adapters.items()},
         "limits": {"min_side": 28, "max_aspect": 50.0},
-        "request": {"max_body_mb": 1.0},
-        "detector": {"num_cpus": 0.25, "max_batch_size": 8, "batch_wait_timeout_s": 0.05},
+        "request": {"max_body_mb": 1.0, "body_idle_timeout_s": 2.0},
+        "detector": {"num_cpus": 0.1, "max_batch_size": 8, "batch_wait_timeout_s": 0.05},
         "router": {"num_cpus": 0.05},
     }
     for key, value in changes.items():
@@ -41,13 +42,19 @@ def _config(tiny_model, adapters: dict, **changes) -> dict:
     return cfg
 
 
+API_KEY = "test-key-0123456789"
+
+
 @pytest.fixture(scope="module")
-def server(ray_local, tiny_model, adapters):
-    """Four apps on one Serve instance: the main one, two with an unloadable member, one tiny-capacity."""
+def server(ray_local, tiny_model, adapters, tmp_path_factory):
+    """Six apps on one Serve instance: the main one, two with an unloadable member, one tiny-capacity,
+    one behind API keys, one with two model replicas (for the replica-loss test)."""
     from ray import serve
 
     from serve.app import build_app
 
+    keys = tmp_path_factory.mktemp("secrets") / "api-keys"
+    keys.write_text(f"another-key\n{API_KEY}\n")
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     good = {k: adapters[k] for k in ("method1", "method2")}
@@ -61,6 +68,9 @@ def server(ray_local, tiny_model, adapters):
         "busy": _config(tiny_model, good, detector={"max_batch_size": 1, "max_ongoing_requests": 1,
                                                    "max_queued_requests": 1},
                         router={"max_in_flight": 4}),
+        "locked": _config(tiny_model, good, auth={"enabled": True, "keys_file": str(keys)}),
+        "twin": _config(tiny_model, good, detector={"autoscaling": {"min_replicas": 2, "max_replicas": 2}},
+                        request={"timeout_s": 30.0}),
     }
     for name, cfg in apps.items():
         serve.run(build_app(cfg), name=name, route_prefix=f"/{name}")
@@ -269,6 +279,8 @@ def test_models_docs_and_health(server, adapters):
     assert sorted(models["adapters"]) == ["method1", "method2"]
     assert models["adapters"]["method2"]["method"] == "method2"
     assert str(adapters["method2"]) not in json.dumps(models)  # no server paths in answers
+    assert str(adapters["method2"].parent.parent) not in json.dumps(models)  # nor the base's folder
+    assert models["ensemble"]["members"] == ["method1", "method2"]
     assert models["ensemble"]["weights"] == {"method1": 3.0, "method2": 1.0}
     assert requests.get(f"{server}/main/healthz", timeout=30).json() == {"status": "ok"}
     assert "/v1/detect" in requests.get(f"{server}/main/openapi.json", timeout=30).json()["paths"]
@@ -283,3 +295,173 @@ def test_adapter_with_a_mismatching_manifest_is_refused(tiny_model, adapters):
     with pytest.raises(ManifestMismatch, match="image_policy.max_pixels"):
         Scorer(ScoringConfig(model=ModelConfig(name_or_path=str(tiny_model), load_in_4bit=False),
                              image=ImagePolicy(**SERVE_POLICY), adapters={"mismatched": str(adapters["mismatched"])}))
+
+
+# --------------------------------------------------------------------------- hostile input
+
+
+def _stalled_upload(port: int, path: str) -> socket.socket:
+    """Headers and 8 bytes of a 100 kB body, then nothing; asks the proxy to disable its timeout and
+    its cancel-on-disconnect (the router must not rely on either)."""
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n"
+              "x-request-timeout-seconds: 0\r\nx-request-disconnect-disabled: ?1\r\n\r\n".encode() + b"\x89PNG\r\n\x1a\n")
+    return s
+
+
+def test_stalled_uploads_hold_no_slot_and_are_dropped_with_408(server):
+    """40 stalled uploads against an app that scores 4 requests at a time: others are still answered,
+    and each stalled one gets a JSON 408 once the body deadline passes."""
+    port = int(server.rsplit(":", 1)[1])
+    stalled = [_stalled_upload(port, "/busy/v1/detect?adapter=method1") for _ in range(40)]
+    try:
+        data = _bytes(_photo(11))
+        answers = [_post(f"{server}/busy/v1/detect?adapter=method1", data) for _ in range(5)]
+        assert [a.status_code for a in answers] == [200] * 5, [a.text for a in answers]
+        stalled[0].settimeout(30)
+        answer = b""
+        while b"}}" not in answer and (chunk := stalled[0].recv(4096)):
+            answer += chunk
+        text = answer.decode(errors="replace")
+        assert text.startswith("HTTP/1.1 408") and '"code":"request_timeout"' in text, text
+    finally:
+        for s in stalled:
+            s.close()
+
+
+def test_routing_errors_and_odd_queries_answer_json(server):
+    data = _bytes(_photo(12))
+    for r, status, code in [
+        (requests.get(f"{server}/main/v1/nope", timeout=30), 404, "not_found"),
+        (requests.get(f"{server}/main/v1/detect?adapter=method1", timeout=30), 405, "method_not_allowed"),
+        (_post(f"{server}/main/v1/ensemble/", data, allow_redirects=False), 404, "not_found"),  # no redirect
+        (_post(f"{server}/main/v1/detect?adapter=%C3%A9t%C3%A9%FF", data), 404, "unknown_adapter"),
+    ]:
+        assert r.status_code == status and r.json()["error"]["code"] == code, (r.status_code, r.text)
+    # Raw non-ASCII bytes in the request line never reach the app: the HTTP server refuses them (4xx).
+    port = int(server.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"POST /main/v1/detect?adapter=\xc3\xa9 HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        assert s.recv(200).startswith(b"HTTP/1.1 400")
+
+
+def test_json_that_breaks_parsers_is_a_400_and_the_loop_stays_responsive(server):
+    deep = requests.post(f"{server}/main/v1/ensemble", data=b'{"a":' * 100_000 + b"1" + b"}" * 100_000,
+                         headers={"content-type": "application/json"}, timeout=60)
+    assert deep.status_code == 400 and deep.json()["error"]["code"] == "bad_request"
+    many = json.dumps({"images": [""] * 100_000}).encode()  # ~400 kB: the count is refused first
+    r = requests.post(f"{server}/main/v1/detect/batch", data=many, headers={"content-type": "application/json"},
+                      timeout=60)
+    assert r.status_code == 400 and "limit is 16" in r.json()["error"]["message"]
+    big = json.dumps({"images": ["A" * 4096] * 200}).encode()  # 0.8 MB of base64: parsed off the loop
+    with ThreadPoolExecutor(4) as pool:
+        floods = [pool.submit(requests.post, f"{server}/main/v1/detect/batch", data=big,
+                              headers={"content-type": "application/json"}, timeout=60) for _ in range(4)]
+        health = requests.get(f"{server}/main/healthz", timeout=5)  # answered while the floods parse
+        assert health.status_code == 200
+        assert all(f.result().status_code == 400 for f in floods)
+
+
+@pytest.mark.parametrize("name", sorted(__import__("bench.hostile_inputs", fromlist=["CASES"]).CASES))
+def test_hostile_images_get_their_documented_status_over_http(server, name):
+    from bench.hostile_inputs import CASES
+
+    make, expected = CASES[name]
+    data = make()
+    r = requests.post(f"{server}/main/v1/detect?adapter=method1", data=data,
+                      headers={"content-type": "application/octet-stream"}, timeout=60)
+    if len(data) > 2**20:  # this app's 1 MB body cap comes first
+        assert r.status_code == 413, r.text
+    elif expected == "ok":
+        assert r.status_code == 200, r.text
+    else:
+        assert r.status_code in (415, 422) and r.json()["error"]["code"] == expected, r.text
+
+
+def test_one_bad_image_in_a_batch_fails_only_its_own_entry(server):
+    from bench.hostile_inputs import jpeg_bad_exif, progressive_jpeg_scans
+
+    files = [("image", ("ok.png", _bytes(_photo(13)))), ("image", ("exif.jpg", jpeg_bad_exif())),
+             ("image", ("scans.jpg", progressive_jpeg_scans())), ("image", ("junk.bin", b"junk" * 100))]
+    r = requests.post(f"{server}/main/v1/detect/batch?adapter=ensemble", files=files, timeout=60)
+    assert r.status_code == 200, r.text
+    ok, exif, scans, junk = r.json()["results"]
+    assert 0 <= ok["p_fake"] <= 1 and 0 <= exif["p_fake"] <= 1  # a broken EXIF block: scored as stored
+    assert (scans["status"], scans["error"]["code"]) == (422, "image_rejected")
+    assert (junk["status"], junk["error"]["code"]) == (415, "unsupported_media_type")
+
+
+def test_api_keys(server):
+    data = _bytes(_photo(14))
+    url = f"{server}/locked/v1/detect?adapter=method1"
+    none = _post(url, data)
+    assert none.status_code == 401 and none.json()["error"]["code"] == "unauthorized"
+    assert none.headers["www-authenticate"] == "Bearer"
+    wrong = _post(url, data, headers={"Authorization": "Bearer not-a-key"})
+    assert wrong.status_code == 403 and wrong.json()["error"]["code"] == "forbidden"
+    assert _post(url, data, headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+    assert _post(url, data, headers={"X-API-Key": "another-key"}).status_code == 200
+    assert requests.get(f"{server}/locked/v1/models", timeout=30).status_code == 401
+    assert requests.get(f"{server}/locked/healthz", timeout=30).status_code == 200  # probes stay open
+    assert requests.get(f"{server}/locked/readyz", timeout=30).status_code == 200
+
+
+# --------------------------------------------------------------------------- faults (keep last: kills a replica)
+
+
+def _replica_pids(app: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and f"ServeReplica:{app}:Detector".encode() in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_sigkill_of_a_model_replica_under_load(server):
+    """4 clients send steadily to an app with two model replicas; one replica's process is SIGKILLed.
+    Serve replaces it: under 1 % of requests fail (anything but a 200 or a JSON 503 with Retry-After),
+    none waits past its timeout, and both replicas serve again."""
+    import os
+    import signal
+    import threading
+    import time
+
+    data = [_bytes(_photo(20 + i)) for i in range(4)]
+    url = f"{server}/twin/v1/ensemble"
+    before = _replica_pids("twin")
+    assert len(before) == 2
+    results, stop = [], threading.Event()
+
+    def client(k: int):
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                r = requests.post(url, files={"image": ("x.png", data[k])}, timeout=45)
+                ok = r.status_code == 200 or (r.status_code == 503 and "retry-after" in r.headers
+                                              and "error" in r.json())
+                results.append((ok, r.status_code, time.perf_counter() - t0))
+            except requests.RequestException as e:
+                results.append((False, type(e).__name__, time.perf_counter() - t0))
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    os.kill(before[0], signal.SIGKILL)
+    time.sleep(12)
+    stop.set()
+    for t in threads:
+        t.join(timeout=60)
+    failed = [r for r in results if not r[0]]
+    slowest = max(r[2] for r in results)
+    print(f"\nreplica SIGKILL under load: {len(results)} requests, {len(failed)} failed, slowest {slowest:.2f} s")
+    assert len(results) > 50 and len(failed) / len(results) < 0.01, failed[:5]
+    assert slowest < 45
+    deadline = time.time() + 90
+    while time.time() < deadline and len(_replica_pids("twin")) < 2:
+        time.sleep(1)
+    assert len(_replica_pids("twin")) == 2 and before[0] not in _replica_pids("twin")
+    assert requests.get(f"{server}/twin/readyz", timeout=30).status_code == 200

@@ -71,14 +71,30 @@ def _latest(storage: Path) -> Path:
 ONE_WORKER = ("scaling.num_workers=1", "scaling.cpus_per_worker=1.0", "optim.epochs=2")
 
 
-def test_resume_after_a_crash_gives_bit_identical_adapter(tiny_model, demo_data, tmp_path, ray_local):
+@pytest.fixture(scope="module")
+def straight(tiny_model, demo_data, tmp_path_factory, ray_local) -> tuple[Path, Path]:
+    """An uninterrupted 1-worker Method 1 run: (exported adapter, its final checkpoint)."""
     import train_method1
 
-    out = train_method1.main(_args(tiny_model, demo_data, tmp_path, "straight", *ONE_WORKER))
+    tmp = tmp_path_factory.mktemp("straight")
+    out = train_method1.main(_args(tiny_model, demo_data, tmp, "straight", *ONE_WORKER))
+    return out, _latest(tmp / "runs" / "straight")
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    x, y = load_file(str(a / "trainable.safetensors")), load_file(str(b / "trainable.safetensors"))
+    bx, by = load_file(str(a / "best.safetensors")), load_file(str(b / "best.safetensors"))
+    return (x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+            and all(torch.equal(bx[k], by[k]) for k in bx))
+
+
+def test_resume_after_a_crash_gives_bit_identical_adapter(tiny_model, demo_data, tmp_path, straight):
+    import train_method1
+
+    out, straight = straight
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["method"] == "method1" and manifest["base"]["fingerprint"] and manifest["training"]["loss"] == "ce"
     assert manifest["calibration"]["temperature"] > 0 and (out / "adapter_model.safetensors").exists()
-    straight = _latest(tmp_path / "runs" / "straight")
     state = json.loads((straight / "loop_state.json").read_text())
     history = state["history"]
     assert state["finished"] and (straight / "adapter").exists()  # the final checkpoint holds the export
@@ -94,13 +110,80 @@ def test_resume_after_a_crash_gives_bit_identical_adapter(tiny_model, demo_data,
     # the same job name and storage path resumes from that checkpoint
     train_method1.main(_args(tiny_model, demo_data, tmp_path, "resumed", *ONE_WORKER))
     resumed = _latest(tmp_path / "runs" / "resumed")
-    a, b = load_file(str(straight / "trainable.safetensors")), load_file(str(resumed / "trainable.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _same_weights(straight, resumed)
     sa = torch.load(straight / "training_state.pt", weights_only=True)
     sb = torch.load(resumed / "training_state.pt", weights_only=True)
     assert sa["scheduler"] == sb["scheduler"]
-    best_a, best_b = load_file(str(straight / "best.safetensors")), load_file(str(resumed / "best.safetensors"))
-    assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
+
+
+def _train_worker_pids() -> list[int]:
+    """Ray Train worker processes on this machine, by the process title Ray gives them."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"RayTrainWorker" in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_sigkill_of_a_train_worker_mid_epoch_restarts_from_the_checkpoint(tiny_model, demo_data, tmp_path,
+                                                                          straight):
+    """A real SIGKILL of the worker process as soon as epoch 1's checkpoint exists: Ray Train restarts
+    the worker from it and the final weights equal the uninterrupted run's, bit for bit."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import train_method1
+
+    runs, killed = tmp_path / "runs" / "killed", []
+
+    def killer():
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            if any((c / L.COMPLETE).exists() for c in runs.glob("checkpoint_*")):
+                time.sleep(1.0)  # let Ray finish copying and registering it; epoch 2 is under way
+                for pid in _train_worker_pids():
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    out = train_method1.main(_args(tiny_model, demo_data, tmp_path, "killed", *ONE_WORKER, "run.max_failures=1"))
+    thread.join(timeout=1)
+    assert killed, "no train worker was found to kill"
+    final = _latest(runs)
+    assert json.loads((final / "loop_state.json").read_text())["finished"]
+    assert _same_weights(straight[1], final)
+    assert (out / "manifest.json").exists()
+
+
+def test_sigkill_while_writing_a_checkpoint_resumes_from_the_last_complete_one(tiny_model, demo_data, tmp_path,
+                                                                               straight):
+    """The worker is SIGKILLed with half of epoch 2's checkpoint written; every checkpoint that reached
+    storage is complete, the restart resumes from epoch 1's, and the result equals the straight run."""
+    import train_method1
+
+    steps = json.loads((straight[1] / "loop_state.json").read_text())["global_step"]
+    train_method1.main(_args(tiny_model, demo_data, tmp_path, "torn", *ONE_WORKER, "run.max_failures=1",
+                             f"optim.fail_at_step={steps}", "optim.fail_with=sigkill_in_checkpoint"))
+    ckpts = sorted(p for p in (tmp_path / "runs" / "torn").glob("checkpoint_*") if p.is_dir())
+    for c in ckpts:
+        L.check_complete(c)  # raises on a half-written one
+    assert _same_weights(straight[1], _latest(tmp_path / "runs" / "torn"))
+    # and a half-written folder is refused with a clear error, never loaded
+    torn = tmp_path / "half"
+    torn.mkdir()
+    (torn / "trainable.safetensors").write_bytes((straight[1] / "trainable.safetensors").read_bytes())
+    with pytest.raises(L.IncompleteCheckpoint, match="mid-write"):
+        L.check_complete(torn)
+    (torn / L.COMPLETE).write_text((straight[1] / L.COMPLETE).read_text())
+    with pytest.raises(L.IncompleteCheckpoint, match="missing or truncated"):
+        L.check_complete(torn)
 
 
 def test_two_workers_restart_from_checkpoint_after_worker_failure(tiny_model, demo_data, tmp_path, ray_local):

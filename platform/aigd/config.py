@@ -127,7 +127,10 @@ class OptimConfig:
     early_stop_patience: Optional[int] = None  # evaluations without a better val AUC; None: never stop early
     log_every: int = 10
     seed: int = 3407
-    fail_at_step: Optional[int] = None  # fault-injection for the restart test; never set in real configs
+    # Fault injection for the restart tests; never set in real configs. At this step of a first
+    # attempt: raise, or SIGKILL the rank-0 process halfway through writing its next checkpoint.
+    fail_at_step: Optional[int] = None
+    fail_with: Literal["exception", "sigkill_in_checkpoint"] = "exception"
 
 
 @dataclass(frozen=True)
@@ -191,8 +194,11 @@ class DetectorDeploymentConfig:
 class RouterDeploymentConfig:
     autoscaling: AutoscalingConfig = field(default_factory=lambda: AutoscalingConfig(1, 2, 8.0))
     num_cpus: float = 0.1
-    # Requests one router replica works on; the next ones get a JSON 503 + Retry-After at once.
+    # Requests one router replica scores at a time (counted once their body is in); the next ones
+    # get a JSON 503 + Retry-After at once.
     max_in_flight: int = 64
+    # Images one router replica decodes at once (worker threads): bounds decode memory and CPU.
+    decode_concurrency: int = 2
     # Serve's own limits sit above ours, as a last resort (Serve answers those with a plain-text 503).
     max_ongoing_requests: int = 256
     max_queued_requests: int = 256
@@ -209,24 +215,50 @@ class EnsembleConfig:
 
 @dataclass(frozen=True)
 class DecodeLimits:
-    """What an image may be before it is decoded; checked on the header (aigd.images)."""
+    """What an image may be before it is decoded; checked on the header and the file's structure
+    (aigd.images). The pixel caps are about decode memory: a JPEG decodes at a reduced DCT scale
+    (1/2..1/8) near the model's size, any other format at full size first."""
 
-    max_pixels: int = 40_000_000  # below Pillow's own bomb guard
+    max_pixels: int = 4096 * 4096  # PNG, WebP, GIF, BMP: ~64 MB decoded at RGBA
+    max_jpeg_pixels: int = 8192 * 8192  # below Pillow's own bomb guard (89 MP)
     min_side: int = 28
     max_aspect: float = 50.0  # Qwen's processor raises above 200
+    max_jpeg_scans: int = 64  # progressive encoders use ~10; each scan is a pass over the image
+    max_png_chunks: int = 10_000  # 20 MB of 8 KB IDATs is ~2,500; Pillow walks chunks in Python
 
     @classmethod
     def preset(cls, name: Literal["serving", "batch", "training"], max_pixels: int | None = None) -> "DecodeLimits":
         """serving and batch scoring refuse odd geometry; training data is filtered by width first and
-        only guarded against bombs, so a dataset's thin banners still count as rows, not errors."""
+        only guarded against bombs, so a dataset's thin banners still count as rows, not errors.
+        `max_pixels` sets both pixel caps (training decodes JPEGs in full when it augments)."""
         base = {"serving": cls(), "batch": cls(), "training": cls(min_side=1, max_aspect=1e9)}[name]
-        return base if max_pixels is None else dataclasses.replace(base, max_pixels=max_pixels)
+        if max_pixels is None:
+            return base
+        return dataclasses.replace(base, max_pixels=max_pixels, max_jpeg_pixels=max_pixels)
 
 
 @dataclass(frozen=True)
 class RequestLimits:
     max_body_mb: float = 20.0
     max_batch_images: int = 16
+    # The body is read before a request is admitted, under these deadlines, so a slow or stalled
+    # upload holds no scoring slot and is dropped with a 408 (1 MB/s needs 20 s for the cap).
+    body_timeout_s: float = 30.0
+    body_idle_timeout_s: float = 5.0  # longest wait for the next chunk
+    # Decode + model, once admitted; past it the answer is a 503 + Retry-After. Set Serve's
+    # http_options.request_timeout_s above body_timeout_s + timeout_s.
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """API keys for /v1/*; /healthz, /readyz and the docs stay open (probes, discovery).
+    Keys: one per line in `keys_file`, and/or comma-separated in the env var `keys_env`; read by
+    the router replicas at start (a replica with auth on and no key refuses to start)."""
+
+    enabled: bool = False
+    keys_env: str = "AIGD_API_KEYS"
+    keys_file: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -244,6 +276,7 @@ class ScoringConfig:
 class ServeConfig(ScoringConfig):
     limits: DecodeLimits = field(default_factory=DecodeLimits)
     request: RequestLimits = field(default_factory=RequestLimits)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     detector: DetectorDeploymentConfig = field(default_factory=DetectorDeploymentConfig)
     router: RouterDeploymentConfig = field(default_factory=RouterDeploymentConfig)
     retry_after_s: int = 1

@@ -19,7 +19,7 @@ from aigd.batching import collate, encode, pixel_affine
 from aigd.config import AugmentConfig, DataConfig, DecodeLimits, ImagePolicy
 from aigd.errors import AigdError
 from aigd.images import decode, jpeg
-from aigd.prompt import prepare_image, target_size
+from aigd.prompt import prepare, prepare_image
 from aigd.sampling import Subsample, select_rows
 from aigd.sources import DataError, image_bytes, read_source
 
@@ -101,13 +101,14 @@ def skip_counter(name: str):
     @ray.remote(num_cpus=0)
     class SkipCounter:
         def __init__(self):
-            self.counts: dict[str, int] = {}
+            self.ids: dict[str, set[str]] = {}
 
-        def add(self, split: str, n: int) -> None:
-            self.counts[split] = self.counts.get(split, 0) + n
+        def add(self, split: str, img_ids: list[str]) -> None:
+            self.ids.setdefault(split, set()).update(img_ids)
 
         def get(self) -> dict:
-            return dict(self.counts)
+            """Distinct unreadable images per split (an epoch that reads a row again adds nothing)."""
+            return {split: len(ids) for split, ids in sorted(self.ids.items())}
 
     return SkipCounter.options(name=name, namespace=COUNTER_NAMESPACE, get_if_exists=True,
                                lifetime="detached").remote()
@@ -122,15 +123,27 @@ def skipped_counts(name: str) -> dict:
         return {}
 
 
-def _report_skipped(counter: str | None, split: str, n: int) -> None:
+def _report_skipped(counter: str | None, split: str, img_ids: list[str]) -> None:
     import ray
 
     if counter is None:
         return  # ad-hoc use: the warning log still names every skipped row
     try:
-        ray.get_actor(counter, namespace=COUNTER_NAMESPACE).add.remote(split, n)
+        ray.get_actor(counter, namespace=COUNTER_NAMESPACE).add.remote(split, img_ids)
     except ValueError:
-        log.warning("skip counter %s not found; %d skipped rows only logged", counter, n)
+        log.warning("skip counter %s not found; %d skipped rows only logged", counter, len(img_ids))
+
+
+def model_view(data: bytes | None, limits: DecodeLimits, policy: ImagePolicy, aug: AugmentConfig | None,
+               rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """(policy-sized uint8 pixels, JPEG quality drawn or -1). Without augmentation this is the
+    serving path itself (aigd.prompt.prepare)."""
+    if data is None:
+        raise DataError("no image bytes")
+    if aug is None:
+        return prepare(data, limits, policy), -1
+    img, q = augment(decode(data, limits), aug, rng)
+    return prepare_image(img, policy), q
 
 
 def preprocess(batch: dict, processor: tuple[str, str | None], policy: ImagePolicy, aug: AugmentConfig | None,
@@ -140,22 +153,16 @@ def preprocess(batch: dict, processor: tuple[str, str | None], policy: ImagePoli
     images, keep, quality = [], [], []
     for i, (img_id, data) in enumerate(zip(batch["img_id"], image_bytes(batch["image"]))):
         try:
-            if data is None:
-                raise DataError("no image bytes")
-            draft = None if aug else target_size(int(batch["width"][i]), int(batch["height"][i]), policy)
-            img = decode(data, limits, draft_to=draft)
+            pixels, q = model_view(data, limits, policy, aug, row_rng(seed, epoch, str(img_id)) if aug else None)
         except (AigdError, DataError) as e:
             log.warning("skipping %s: %s", img_id, e)
             continue
-        q = -1
-        if aug is not None:
-            img, q = augment(img, aug, row_rng(seed, epoch, str(img_id)))
-        images.append(prepare_image(img, policy))
+        images.append(pixels)
         keep.append(i)
         quality.append(q)
-    n_bad = len(batch["img_id"]) - len(keep)
-    if n_bad:
-        _report_skipped(counter, split, n_bad)
+    if len(keep) < len(batch["img_id"]):
+        kept = set(keep)
+        _report_skipped(counter, split, [str(x) for i, x in enumerate(batch["img_id"]) if i not in kept])
     if not images:
         return {k: [] for k in ("input_ids", "mm_token_type_ids", "pixel_values", "image_grid_thw", "img_id",
                                 "label", "jpeg_quality")}

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import io
 import json
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -107,13 +109,50 @@ def tampered(img: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, b
     return out, buf.getvalue()
 
 
+def png_header_bomb(side: int = 30000) -> bytes:
+    """83 bytes of PNG that declare side x side pixels."""
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 4096, 9))
+            + chunk(b"IEND", b""))
+
+
+def jpeg_scan_bomb(img: Image.Image, repeats: int = 5000) -> bytes:
+    """A progressive JPEG with its smallest scan repeated: each scan is another pass over the image
+    (5,000 on a smooth 3000x2000 image: ~120 KB that take ~10 s to decode)."""
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90, progressive=True)
+    data = buf.getvalue()
+    sos = [i for i in range(len(data) - 1) if data[i] == 0xFF and data[i + 1] == 0xDA]
+    start, end = min(zip(sos, sos[1:] + [len(data) - 2]), key=lambda se: se[1] - se[0])
+    return data[:-2] + data[start:end] * repeats + b"\xff\xd9"
+
+
+# What a scraped dataset holds besides images, mixed into the demo data (`corrupt_rows`).
+BAD_KINDS = ("truncated", "garbage", "empty", "png_header_bomb", "jpeg_scan_bomb")
+
+
+def bad_bytes(kind: str, img: Image.Image, data: bytes, rng: np.random.Generator) -> bytes:
+    if kind == "truncated":
+        return data[: len(data) // 3]
+    if kind == "garbage":
+        return rng.bytes(2000)
+    if kind == "empty":
+        return b""
+    if kind == "png_header_bomb":
+        return png_header_bomb()
+    return jpeg_scan_bomb(img, repeats=200)
+
+
 def make_rows(cfg: DemoDataConfig) -> list[dict]:
     rng = np.random.default_rng(cfg.seed)
     photos = source_photos()
     names = sorted(photos)
     rows: list[dict] = []
 
-    def add(label: int, size, fmt: int | None, corrupt: bool = False):
+    def add(label: int, size, fmt: int | None, bad: str | None = None):
         name = names[len(rows) % len(names)]
         img = random_crop(photos[name], size, rng)
         mask = None
@@ -122,8 +161,8 @@ def make_rows(cfg: DemoDataConfig) -> list[dict]:
         elif label == 2:
             img, mask = tampered(img, rng)
         data = encode(img, fmt)
-        if corrupt:
-            data = data[: len(data) // 3]
+        if bad is not None:
+            data = bad_bytes(bad, img, data, rng)
         rows.append({
             "img_id": f"{name}/{len(rows):06d}",
             "image": {"bytes": data, "path": None},
@@ -143,7 +182,7 @@ def make_rows(cfg: DemoDataConfig) -> list[dict]:
         add(0, size, fmt)
         add(1, size, fmt)
     for i in range(cfg.corrupt_rows):
-        add(i % 2, SIZES[0], 95, corrupt=True)
+        add(i % 2, SIZES[0], 95, bad=BAD_KINDS[i % len(BAD_KINDS)])
     order = rng.permutation(len(rows))
     return [rows[i] for i in order]
 

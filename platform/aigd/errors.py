@@ -35,6 +35,28 @@ class ImageRejected(AigdError):
     code = "image_rejected"
 
 
+class RequestTimeout(AigdError):
+    """The body did not arrive in time (a slow or stalled upload)."""
+
+    code = "request_timeout"
+
+
+class Unauthorized(AigdError):
+    code = "unauthorized"
+
+
+class Forbidden(AigdError):
+    code = "forbidden"
+
+
+class NotFound(AigdError):
+    code = "not_found"
+
+
+class MethodNotAllowed(AigdError):
+    code = "method_not_allowed"
+
+
 class UnknownAdapter(AigdError):
     code = "unknown_adapter"
 
@@ -45,12 +67,24 @@ class AdapterUnavailable(AigdError):
     code = "adapter_unavailable"
 
 
+class ReplicaLost(AdapterUnavailable):
+    """The model replica died under the request (and again on the one retry)."""
+
+    code = "replica_lost"
+
+
 class ManifestMismatch(AigdError):
     code = "manifest_mismatch"
 
 
 class Overloaded(AigdError):
     code = "overloaded"
+
+
+class DeadlineExceeded(Overloaded):
+    """Admitted, but decode + model did not finish within request.timeout_s."""
+
+    code = "deadline_exceeded"
 
 
 class MemberFailed(AigdError):
@@ -63,7 +97,12 @@ class BackendUnavailable(AigdError):
 
 HTTP_STATUS: dict[type, int] = {
     BadRequest: 400,
+    Unauthorized: 401,
+    Forbidden: 403,
+    NotFound: 404,
     UnknownAdapter: 404,
+    MethodNotAllowed: 405,
+    RequestTimeout: 408,
     BodyTooLarge: 413,
     UnsupportedMediaType: 415,
     CorruptImage: 422,

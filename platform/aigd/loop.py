@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,12 +114,21 @@ def _set_rng_state(torch_state: torch.Tensor, other: dict) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
+COMPLETE = "complete.json"  # written last: every file of the checkpoint with its size
+
+
+class IncompleteCheckpoint(RuntimeError):
+    """A checkpoint whose writer died before it finished."""
+
+
 def save_checkpoint(path: Path, model, opt, sched, state: LoopState, cfg_dict: dict, base: dict,
-                    best: dict | None, val: dict | None, final: bool = False) -> None:
+                    best: dict | None, val: dict | None, final: bool = False, die_midway: bool = False) -> None:
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
     save_file({n: t.contiguous() for n, t in trainable(model).items()}, str(path / "trainable.safetensors"))
+    if die_midway:  # optim.fail_with=sigkill_in_checkpoint: a real kill with half the files written
+        os.kill(os.getpid(), signal.SIGKILL)
     if best is not None:
         save_file({n: t.contiguous() for n, t in best.items()}, str(path / "best.safetensors"))
     torch_rng, other_rng = _rng_state()
@@ -132,11 +143,25 @@ def save_checkpoint(path: Path, model, opt, sched, state: LoopState, cfg_dict: d
         (path / "val_metrics.json").write_text(json.dumps(val["metrics"], indent=2))
     if final:  # the exported adapter: the best weights, as a peft folder
         unwrap(model).save_pretrained(str(path / "adapter"), safe_serialization=True)
+    files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}
+    (path / f"{COMPLETE}.tmp").write_text(json.dumps(files, indent=1))
+    os.replace(path / f"{COMPLETE}.tmp", path / COMPLETE)
+
+
+def check_complete(path: Path) -> None:
+    """Refuse a checkpoint that was still being written (or copied) when its process died."""
+    if not (path / COMPLETE).exists():
+        raise IncompleteCheckpoint(f"checkpoint {path} has no {COMPLETE}: its writer died mid-write")
+    listed = json.loads((path / COMPLETE).read_text())
+    wrong = [f for f, size in listed.items() if not (path / f).is_file() or (path / f).stat().st_size != size]
+    if wrong:
+        raise IncompleteCheckpoint(f"checkpoint {path} is incomplete: {wrong} missing or truncated")
 
 
 def load_checkpoint(path: Path, model, opt, sched) -> tuple[LoopState, dict | None]:
     from safetensors.torch import load_file
 
+    check_complete(path)
     load_trainable(model, load_file(str(path / "trainable.safetensors")))
     best = load_file(str(path / "best.safetensors")) if (path / "best.safetensors").exists() else None
     blob = torch.load(path / "training_state.pt", weights_only=True)
@@ -257,6 +282,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     # ---- resume
     state, best, restored = LoopState(next_eval_at=o.eval_every_samples), None, ray.train.get_checkpoint()
+    kill_in_checkpoint = False
     if restored is not None:
         with restored.as_directory() as d:
             state, best = load_checkpoint(Path(d), model, opt, sched)
@@ -311,7 +337,7 @@ def train_loop_per_worker(config: dict) -> None:
                       f"acc {val['metrics'].get('accuracy', float('nan')):.4f} "
                       f"(best {state.best_score:.4f} @ {state.best_step})", flush=True)
                 save_checkpoint(Path(tmp), model, opt, sched, state, config["cfg"], base_info, best, val,
-                                final=final)
+                                final=final, die_midway=kill_in_checkpoint)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
 
@@ -347,7 +373,9 @@ def train_loop_per_worker(config: dict) -> None:
             state.global_step += 1
             state.samples += per_step
             if o.fail_at_step is not None and restored is None and state.global_step == o.fail_at_step:
-                raise RuntimeError(f"injected failure at step {state.global_step} (optim.fail_at_step)")
+                if o.fail_with == "exception":
+                    raise RuntimeError(f"injected failure at step {state.global_step} (optim.fail_at_step)")
+                kill_in_checkpoint = True
             line = progress.line(state, sum(running) / len(running), sched.get_last_lr()[0], o.epochs)
             if line and rank == 0:
                 print(line, flush=True)

@@ -74,5 +74,6 @@ def check_prepared(pixels: np.ndarray, policy: ImagePolicy) -> None:
 
 def prepare(data: bytes, limits: DecodeLimits, policy: ImagePolicy) -> np.ndarray:
     """Bytes -> the model's view of the image (decoded, upright, RGB, at the policy's size): the one
-    image path of every scorer; the HTTP router runs it before handing the array to the model."""
-    return prepare_image(decode(data, limits), policy)
+    image path of every scorer and of un-augmented training; the HTTP router runs it before handing
+    the array to the model. The decode is sized to the policy, so memory follows the model's input."""
+    return prepare_image(decode(data, limits, model_size=lambda w, h: target_size(w, h, policy)), policy)

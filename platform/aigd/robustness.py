@@ -18,7 +18,7 @@ from aigd.decision import ENSEMBLE, Rule, combine, ensemble_rule, p_fake
 from aigd.errors import AigdError
 from aigd.images import decode, jpeg, sniff
 from aigd.metrics import binary_metrics, bootstrap_ci, ece, fit_calibration
-from aigd.prompt import prepare_image
+from aigd.prompt import prepare, prepare_image
 from aigd.scorer import Scorer
 from aigd.sources import image_bytes
 _JPEG = re.compile(r"jpeg_q(\d+)$")
@@ -70,7 +70,9 @@ def expand(batch: dict, perturbations: list[str], policy: ImagePolicy, max_pixel
             out["img_id"].append(str(batch["img_id"][i]))
             out["label"].append(int(batch["label"][i]))
             out["perturbation"].append(name)
-            out["pixels"].append(prepare_image(perturb(img, name), policy))
+            # clean is the serving path itself (aigd.prompt.prepare: decoded at the policy's size)
+            out["pixels"].append(prepare(data, limits, policy) if name == "clean"
+                                 else prepare_image(perturb(img, name), policy))
             out["width"].append(int(batch["width"][i]))
             out["height"].append(int(batch["height"][i]))
             out["format"].append(fmt)

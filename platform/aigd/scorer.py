@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -145,8 +146,12 @@ class Scorer:
         return out
 
     def describe(self) -> dict:
+        """What clients may see: names, versions and rules, never a server path."""
+        base = {k: self.base[k] for k in ("checkpoint", "backend", "dtype", "quantization", "fingerprint")}
+        if Path(base["checkpoint"]).is_absolute():  # a local folder: its name only
+            base["checkpoint"] = Path(base["checkpoint"]).name
         return {
-            "base": {k: self.base[k] for k in ("checkpoint", "backend", "dtype", "quantization", "fingerprint")},
+            "base": base,
             "device": str(self.device),
             "image_policy": policy_dict(self.policy),
             "adapters": {n: {"temperature": m.temperature, **m.rule.as_dict(), **m.version}

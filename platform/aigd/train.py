@@ -176,7 +176,7 @@ def prepare_run(cfg: C.TrainJobConfig) -> tuple[C.TrainJobConfig, DataPlan]:
 # --------------------------------------------------------------------------- export
 
 
-def export_adapter(cfg: C.TrainJobConfig, method: str, result, counts: dict) -> Path:
+def export_adapter(cfg: C.TrainJobConfig, method: str, result, counts: dict, skipped: dict) -> Path:
     """The final checkpoint's adapter (best weights) with a manifest, calibrated on the whole val split."""
     if result.checkpoint is None:
         raise RuntimeError("training produced no checkpoint to export")
@@ -196,6 +196,7 @@ def export_adapter(cfg: C.TrainJobConfig, method: str, result, counts: dict) -> 
                       "epochs": cfg.optim.epochs, "augment": C.to_dict(cfg.augment),
                       "best_step": loop_state["best_step"], "global_step": loop_state["global_step"]},
             data={"source": cfg.data.source, "path": cfg.data.path, "class_counts": counts,
+                  "skipped_unreadable": skipped,
                   "label_map": {str(k): v for k, v in cfg.data.label_map.items()}, "tampered": cfg.data.tampered,
                   "min_width": cfg.data.min_width, "balance": cfg.data.balance},
             val_metrics=json.loads((d / "val_metrics.json").read_text()),
@@ -210,7 +211,7 @@ def finish_run(cfg: C.TrainJobConfig, method: str, plan: DataPlan, result) -> Pa
     ray.kill(ray.get_actor(counter_name(cfg), namespace=COUNTER_NAMESPACE))
     if result.error is not None:
         raise result.error
-    out = export_adapter(cfg, method, result, plan.counts)
+    out = export_adapter(cfg, method, result, plan.counts, skipped)
     manifest = json.loads((out / "manifest.json").read_text())
     vm, cal = manifest["val_metrics"], manifest["calibration"]
     print(f"[{cfg.run.name}] skipped unreadable images (counted per split): {skipped or 0}")

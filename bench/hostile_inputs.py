@@ -1,0 +1,153 @@
+"""Hostile images that fit inside the byte caps, and what decoding each costs.
+
+    .venv/bin/python bench/hostile_inputs.py --json
+
+Each case runs `aigd.prompt.prepare` (the one image path of serving, scoring and un-augmented
+training) in a fresh process and prints its answer (decoded, or the error code the API would send),
+wall time and the process's peak memory above the interpreter's own. The generators are also the
+inputs of tests/test_images.py and tests/test_serve.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from aigd.demo_data import jpeg_scan_bomb, png_header_bomb
+
+ROOT = Path(__file__).resolve().parents[1]
+# An EXIF block whose orientation entry has the wrong type: Pillow's exif_transpose raises
+# struct.error on it (found by fuzzing a valid block).
+BAD_EXIF = bytes.fromhex("4578696600004d4d002a000000080002014e00020000000443616d0001120003000000010006000000000000")
+
+
+def _save(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def progressive_jpeg_scans() -> bytes:
+    """~120 KB: a smooth 3000x2000 progressive JPEG with one small scan repeated 5,000 times."""
+    return jpeg_scan_bomb(Image.new("RGB", (3000, 2000), (120, 130, 140)))
+
+
+def rle_bmp(width: int = 4000, height: int = 3000) -> bytes:
+    """A few KB of RLE8 delta escapes that Pillow pads out in Python to width x height."""
+    runs = bytes([0, 2, 255, 255]) * ((height // 255 + 1) * (width // 255 + 1)) + bytes([0, 1])
+    offset = 14 + 40 + 1024
+    return (b"BM" + struct.pack("<IHHI", offset + len(runs), 0, 0, offset)
+            + struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(runs), 0, 0, 256, 0)
+            + bytes(1024) + runs)
+
+
+def png_many_chunks(n: int = 200_000) -> bytes:
+    """A valid 300x300 PNG behind n empty text chunks (12 bytes each)."""
+    raw = zlib.compress(b"".join(b"\x00" + bytes(900) for _ in range(300)))
+    ihdr = struct.pack(">IIBBBBB", 300, 300, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"tEXt", b"a\x00") * n
+            + _chunk(b"IDAT", raw) + _chunk(b"IEND", b""))
+
+
+def png_16bit(side: int = 4000) -> bytes:
+    """A 16-bit greyscale ramp of side^2 pixels that compresses to ~100 KB (float64 would be ~27 B/px)."""
+    ramp = (np.arange(side, dtype=np.uint32) * 65535 // side).astype(np.uint16)
+    return _save(Image.fromarray(np.broadcast_to(ramp, (side, side)).copy()), "PNG", compress_level=9)
+
+
+def webp_animated_canvas(side: int = 6000) -> bytes:
+    """A two-frame animated WebP of a flat 36 MP canvas: a few KB."""
+    frames = [Image.new("RGB", (side, side), c) for c in ((10, 10, 10), (20, 20, 20))]
+    return _save(frames[0], "WEBP", save_all=True, append_images=frames[1:], lossless=True)
+
+
+def jpeg_bad_exif() -> bytes:
+    return _save(Image.new("RGB", (160, 112), (90, 120, 30)), "JPEG", exif=BAD_EXIF)
+
+
+def jpeg_48mp(width: int = 8000, height: int = 6000) -> bytes:
+    """An ordinary large camera JPEG: accepted, and decoded at 1/8 scale."""
+    rng = np.random.default_rng(0)
+    small = Image.fromarray(rng.integers(0, 255, (height // 100, width // 100, 3), dtype=np.uint8))
+    return _save(small.resize((width, height), Image.Resampling.BILINEAR), "JPEG", quality=85)
+
+
+# name -> (generator, the API's answer: "ok" or the error code)
+CASES = {
+    "progressive_jpeg_5000_scans": (progressive_jpeg_scans, "image_rejected"),
+    "rle_bmp_12mp": (rle_bmp, "unsupported_media_type"),
+    "png_200k_chunks": (png_many_chunks, "image_rejected"),
+    "png_16bit_16mp": (png_16bit, "ok"),
+    "webp_animated_36mp_canvas": (webp_animated_canvas, "image_too_large"),
+    "png_header_30000x30000": (png_header_bomb, "image_too_large"),
+    "jpeg_bad_exif": (jpeg_bad_exif, "ok"),
+    "jpeg_48mp_camera": (jpeg_48mp, "ok"),
+}
+
+
+def _measure_one(name: str, path: Path) -> dict:
+    """In this (fresh) process: prepare the case's bytes, time it, peak RSS above the baseline."""
+    import resource
+    import time
+
+    from aigd.config import DecodeLimits, ImagePolicy
+    from aigd.errors import AigdError
+    from aigd.prompt import prepare
+
+    data = path.read_bytes()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    try:
+        answer, shape = "ok", list(prepare(data, DecodeLimits.preset("serving"), ImagePolicy()).shape)
+    except AigdError as e:
+        answer, shape = e.code, None
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"case": name, "bytes": len(data), "answer": answer, "expected": CASES[name][1], "shape": shape,
+            "seconds": round(seconds, 4), "peak_mb_above_start": round((peak - before) / 1024, 1)}
+
+
+def main() -> None:
+    import tempfile
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(_measure_one(args.one[0], Path(args.one[1]))))
+        return
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (make, _) in CASES.items():
+            path = Path(tmp) / name
+            path.write_bytes(make())
+            out = subprocess.run([sys.executable, __file__, "--one", name, str(path)], capture_output=True,
+                                 text=True, check=True, cwd=ROOT)
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    result = {"cases": rows, "all_as_expected": all(r["answer"] == r["expected"] for r in rows),
+              "max_seconds": max(r["seconds"] for r in rows),
+              "max_peak_mb_above_start": max(r["peak_mb_above_start"] for r in rows)}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['case']:30s} {r['bytes']:>10,d} B  {r['answer']:24s} {r['seconds']:7.3f} s "
+                  f"{r['peak_mb_above_start']:7.1f} MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,7 @@
 # Two commands on a fresh machine: `make demo` (set-up + the main jobs end to end) and `make test`.
 SHELL := /bin/bash
 VENV ?= .venv
+UI_VENV ?= .venv-ui
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 RAY := $(VENV)/bin/ray
@@ -20,9 +21,9 @@ export TOKENIZERS_PARALLELISM := false
 # `ray start` hands its PATH to job drivers: their `python` must be this venv's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup demo demo-data tiny-model cluster train-demo score-demo eval-demo serve-demo experiment test test-fast stop clean
+.PHONY: setup demo demo-data tiny-model cluster train-demo score-demo eval-demo serve-demo ui experiment test test-fast stop clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(UI_VENV)/.installed
 
 # torch/torchvision first, pinned to the release on the build machines' disk (a CUDA build that
 # runs on CPU); then the project with its dev extra.
@@ -31,6 +32,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+# The web page's own environment: Gradio and requests, this package without its dependencies.
+$(UI_VENV)/.installed: pyproject.toml
+	python3 -m venv $(UI_VENV)
+	$(UI_VENV)/bin/pip install -q --upgrade pip
+	$(UI_VENV)/bin/pip install -q "gradio>=6,<7" "requests>=2.31"
+	$(UI_VENV)/bin/pip install -q --no-deps -e .
 	touch $@
 
 tiny-model: setup
@@ -69,6 +78,8 @@ eval-demo: cluster
 
 # The detector app on the demo cluster: both adapters on one base, router on http://127.0.0.1:8000.
 serve-demo: cluster
+	@# a redeploy of an unchanged config keeps the old code: start from no app
+	-@$(VENV)/bin/serve shutdown -y --address $(DASHBOARD) >/dev/null 2>&1
 	$(VENV)/bin/serve run --non-blocking --address auto --working-dir . configs/serve_demo.yaml
 	@for i in $$(seq 120); do curl -sf http://127.0.0.1:8000/readyz >/dev/null && break; sleep 1; done
 	@curl -sf http://127.0.0.1:8000/readyz >/dev/null || (echo "the app did not become ready; see the Serve tab of $(DASHBOARD)"; exit 1)
@@ -86,6 +97,11 @@ experiment: stop tiny-model demo-data
 
 demo: train-demo eval-demo serve-demo
 	@echo "Evaluation report: $(AIGD_HOME)/eval/report.html   Dashboard: $(DASHBOARD)   Stop: make stop"
+	@echo "Web page: make ui  ->  http://127.0.0.1:7860   API docs: http://127.0.0.1:8000/docs"
+
+# The web page (a client of the API on :8000), on http://127.0.0.1:7860; Ctrl-C stops it.
+ui: setup
+	GRADIO_ANALYTICS_ENABLED=False $(UI_VENV)/bin/python -m aigd.ui --api http://127.0.0.1:8000 --port 7860
 
 test: setup
 	$(PY) -m pytest -x -q

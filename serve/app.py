@@ -21,9 +21,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from fastapi import FastAPI, Query, Request
+from fastapi import Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -37,13 +38,17 @@ from aigd.errors import (AdapterUnavailable, AigdError, BadRequest, BodyTooLarge
                          Unauthorized, UnknownAdapter, UnsupportedMediaType, error_body, http_status)
 from aigd.manifest import policy_for
 from aigd.prompt import prepare
+from serve.openapi import BatchAnswer, DetectAnswer, EnsembleAnswer, error_responses, image_body
 
 log = logging.getLogger("ray.serve")
 
 # redirect_slashes off: `/v1/detect/` is a JSON 404 like any unknown path, not a redirect.
-api = FastAPI(title="aigd: AI-generated image detection", version=__version__, redirect_slashes=False,
-              description="P(fake) for an image from LoRA adapters on Qwen2.5-VL. Send image bytes: "
-                          "multipart (field `image`), JSON `{\"image\": \"<base64>\"}` or a raw image body.")
+# FastAPIOffline: /docs and /redoc with Swagger UI and ReDoc served from the package, not a CDN.
+api = FastAPIOffline(title="aigd: AI-generated image detection", version=__version__, redirect_slashes=False,
+                     description="P(fake) for an image from LoRA adapters on Qwen2.5-VL. Send image bytes: "
+                                 "multipart (field `image`), JSON `{\"image\": \"<base64>\"}` or a raw image body. "
+                                 "Every error is `{\"error\": {\"code\", \"message\"}}`.")
+ERRORS = error_responses()
 
 LATENCY_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000]
 BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64]
@@ -221,6 +226,23 @@ async def image_payloads(request: Request, body: bytes, max_images: int, cpu) ->
     return out
 
 
+def describe_deployment(schema: dict, adapters: list[str], auth: bool) -> None:
+    """What only the running config knows, added to the cached OpenAPI document: the adapter names
+    (an enum a generated client can offer) and, with API keys on, the security schemes."""
+    for path, names in (("/v1/detect", adapters), ("/v1/detect/batch", [*adapters, ENSEMBLE])):
+        for param in schema["paths"][path]["post"].get("parameters", []):
+            if param["name"] == "adapter":
+                param["schema"]["enum"] = names
+    if auth:
+        schema.setdefault("components", {})["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer"},
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}
+        for path, ops in schema["paths"].items():
+            if path.startswith("/v1/"):
+                for op in ops.values():
+                    op["security"] = [{"bearer": []}, {"apiKey": []}]
+
+
 def api_keys(auth: C.AuthConfig) -> list[bytes]:
     keys = os.environ.get(auth.keys_env, "").split(",")
     if auth.keys_file:
@@ -262,6 +284,7 @@ class Router:
         self.policy = policy_for(self.cfg)
         self.keys = api_keys(self.cfg.auth) if self.cfg.auth.enabled else []
         self.ensemble_members = list(self.cfg.ensemble.members or self.cfg.adapters)
+        describe_deployment(api.openapi(), sorted(self.cfg.adapters), self.cfg.auth.enabled)
         self.in_flight = 0
         # The replica's CPU budget for request work (JSON/base64 parsing, image decoding): a few
         # threads, so the event loop keeps answering, memory stays bounded, and work a cancelled
@@ -364,7 +387,8 @@ class Router:
 
     # ---- endpoints
 
-    @api.post("/v1/detect", summary="P(fake) from one adapter")
+    @api.post("/v1/detect", summary="P(fake) from one adapter", responses={200: {"model": DetectAnswer}, **ERRORS},
+              openapi_extra=image_body(batch=False))
     async def detect(self, request: Request, adapter: str = Query(..., description="adapter name, e.g. method1")):
         async def work(body: bytes):
             self._check_adapter(adapter)
@@ -372,14 +396,16 @@ class Router:
 
         return await self._answer(request, "detect", adapter, work)
 
-    @api.post("/v1/ensemble", summary="P(fake) from every ensemble member, combined")
+    @api.post("/v1/ensemble", summary="P(fake) from every ensemble member, combined",
+              responses={200: {"model": EnsembleAnswer}, **ERRORS}, openapi_extra=image_body(batch=False))
     async def ensemble(self, request: Request):
         async def work(body: bytes):
             return await self._ensemble_one((await image_payloads(request, body, 1, self._cpu))[0])
 
         return await self._answer(request, "ensemble", ENSEMBLE, work)
 
-    @api.post("/v1/detect/batch", summary="several images; adapter=NAME or ensemble")
+    @api.post("/v1/detect/batch", summary="several images; adapter=NAME or ensemble; errors per image",
+              responses={200: {"model": BatchAnswer}, **ERRORS}, openapi_extra=image_body(batch=True))
     async def detect_batch(self, request: Request, adapter: str = Query("ensemble")):
         async def one(data: bytes) -> dict:
             """An image's answer or its own error: one bad image never fails the others."""
@@ -402,7 +428,9 @@ class Router:
 
         return await self._answer(request, "detect_batch", adapter, work)
 
-    @api.get("/v1/models", summary="loaded adapters and their manifests")
+    @api.get("/v1/models", summary="the base, the loaded adapters (versions, thresholds) and the ensemble",
+             responses={200: {"content": {"application/json": {"schema": {"type": "object"}}}},
+                        **error_responses(401, 403, 503)})
     async def models(self, request: Request):
         async def work(_: bytes):
             info = await self.detector.info.remote()
@@ -414,7 +442,9 @@ class Router:
     async def healthz(self):
         return {"status": "ok"}
 
-    @api.get("/readyz", summary="a model replica answers and its adapters are loaded")
+    @api.get("/readyz", summary="a model replica answers and its adapters are loaded",
+             responses={200: {"content": {"application/json": {"schema": {"type": "object"}}}},
+                        **error_responses(503)})
     async def readyz(self):
         try:
             info = await asyncio.wait_for(self.detector.info.remote(), timeout=5)

@@ -100,3 +100,14 @@ def test_nested_env_defaults(monkeypatch):
     assert C.load(C.TrainJobConfig).run.storage_path == "/h/runs"
     monkeypatch.setenv("AIGD_STORAGE", "s3://bucket/runs")
     assert C.load(C.TrainJobConfig).run.storage_path == "s3://bucket/runs"
+
+
+def test_the_configuration_reference_is_generated_from_the_dataclasses():
+    from aigd.config_reference import render
+
+    text = render()
+    assert (ROOT / "docs" / "config.md").read_text() == text, \
+        "docs/config.md is stale: .venv/bin/python -m aigd.config_reference > docs/config.md"
+    for key in ("`optim.focal_alpha`", "`request.body_timeout_s`", "`auth.keys_file`", "`limits.max_jpeg_scans`",
+                "`perturbations`", "`rows_per_class`"):
+        assert key in text, key

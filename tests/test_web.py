@@ -1,0 +1,218 @@
+"""The web page, the docs page and the API contract, in a real browser (Debian's chromium driven by
+Playwright) against the Serve app on a local Ray, with every request off 127.0.0.1 blocked."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from test_serve import _bytes, _config, _free_port, _photo
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+UI_PYTHON = ROOT / ".venv-ui" / "bin" / "python"
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def api(ray_local, tiny_model, adapters):
+    from ray import serve
+
+    from serve.app import build_app
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    good = {k: adapters[k] for k in ("method1", "method2")}
+    serve.run(build_app(_config(tiny_model, good)), name="web", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ui(api):
+    if not UI_PYTHON.exists():
+        pytest.skip(f"{UI_PYTHON} missing: `make setup` builds the UI environment")
+    port = _free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    proc = subprocess.Popen([str(UI_PYTHON), "-m", "aigd.ui", "--api", api, "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        if proc.poll() is not None:
+            pytest.fail(f"the UI exited: {proc.stdout.read()}")
+        time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (.ci/run installs it with apt-get)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def _offline_page(browser, width=1300, height=1000):
+    """A page that can reach 127.0.0.1 only: what renders here renders without internet."""
+    page = browser.new_page(viewport={"width": width, "height": height})
+    blocked = []
+
+    def route(r):
+        host = re.match(r"^[a-z]+://([^/:]+)", r.request.url)
+        if host and host.group(1) not in ("127.0.0.1", "localhost"):
+            blocked.append(r.request.url)
+            return r.abort()
+        return r.continue_()
+
+    page.route("**/*", route)
+    return page, blocked
+
+
+def _cells(table_text: str) -> list[str]:
+    """A rendered table's cells in reading order."""
+    return [c.strip() for c in table_text.split("\n") if c.strip()]
+
+
+def _float(text: str) -> float:
+    return float(re.search(r"[0-9]*\.[0-9]+", text).group(0))
+
+
+def test_score_tab_shows_the_apis_answer_and_its_errors(ui, api, browser, tmp_path):
+    image = tmp_path / "photo.png"
+    image.write_bytes(_bytes(_photo(31)))
+    truth = requests.post(f"{api}/v1/ensemble", files={"image": ("photo.png", image.read_bytes())}, timeout=60).json()
+    page, _ = _offline_page(browser)
+    page.goto(ui, wait_until="domcontentloaded")
+    page.locator("#score-image input[type=file]").set_input_files(str(image))
+    page.locator("#score-image img").wait_for(timeout=30_000)
+    page.click("#score-button")
+    page.wait_for_selector("#score-verdict :text('Verdict')", timeout=60_000)
+    verdict = page.inner_text("#score-verdict")
+    assert f"Verdict: {truth['label'].upper()}" in verdict
+    assert _float(verdict.split("P(fake)")[1]) == pytest.approx(truth["p_fake"], abs=5e-4)
+    cells = _cells(page.inner_text("#score-members"))
+    shown = {name: float(cells[cells.index(name) + 1]) for name in truth["members"]}  # adapter, then P(fake)
+    assert shown == pytest.approx({n: m["p_fake"] for n, m in truth["members"].items()}, abs=5e-4)
+    page.screenshot(path=str(tmp_path / "ui-score.png"), full_page=True)
+    # an image the API refuses: the API's status and message, not a traceback
+    small = tmp_path / "small.png"
+    small.write_bytes(_bytes(_photo(32, size=(12, 12))))
+    page.goto(ui, wait_until="domcontentloaded")
+    page.locator("#score-image input[type=file]").set_input_files(str(small))
+    page.locator("#score-image img").wait_for(timeout=30_000)
+    page.click("#score-button")
+    page.wait_for_selector("#score-verdict :text('API error')", timeout=60_000)
+    error = page.inner_text("#score-verdict")
+    assert "422 image_rejected" in error and "minimum side" in error and "Traceback" not in error
+    page.screenshot(path=str(tmp_path / "ui-error.png"), full_page=True)
+    assert (tmp_path / "ui-score.png").stat().st_size > 10_000
+    print(f"\nscreenshots: {tmp_path}")
+
+
+def test_stability_and_batch_tabs(ui, api, browser, tmp_path):
+    image = tmp_path / "photo.jpg"
+    image.write_bytes(_bytes(_photo(33, size=(280, 224)), "JPEG", quality=95))
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image at all" * 10)
+    page, _ = _offline_page(browser, height=1400)
+    page.goto(ui, wait_until="domcontentloaded")
+    page.get_by_role("tab", name="Stability").click()
+    page.locator("#stab-image input[type=file]").set_input_files(str(image))
+    page.locator("#stab-image img").wait_for(timeout=30_000)
+    page.click("#stab-button")
+    page.wait_for_selector("#stab-note :text('verdict')", timeout=60_000)
+    cells = _cells(page.inner_text("#stab-table"))
+    assert [c for c in cells if c in ("original", "JPEG q95", "JPEG q75", "JPEG q50", "JPEG q30", "downscaled 1/2")] \
+        == ["original", "JPEG q95", "JPEG q75", "JPEG q50", "JPEG q30", "downscaled 1/2"]
+    page.screenshot(path=str(tmp_path / "ui-stability.png"), full_page=True)
+    page.get_by_role("tab", name="Batch").click()
+    page.locator("#batch-files input[type=file]").set_input_files([str(image), str(junk)])
+    page.click("#batch-button")
+    page.wait_for_selector("#batch-note :text('files scored')", timeout=60_000)
+    table = page.inner_text("#batch-table")
+    assert "photo.jpg" in table and "junk.png" in table and "415" in table
+    truth = requests.post(f"{api}/v1/ensemble", files={"image": ("p", image.read_bytes())}, timeout=60).json()
+    assert f"{truth['p_fake']:.4f}".rstrip("0") in table
+
+
+def test_docs_render_offline(api, browser, tmp_path):
+    page, blocked = _offline_page(browser)
+    page.goto(f"{api}/docs", wait_until="domcontentloaded")
+    page.wait_for_selector(".swagger-ui .info .title", timeout=30_000)
+    assert "aigd" in page.inner_text(".swagger-ui .info .title")
+    page.get_by_text("/v1/ensemble", exact=True).first.wait_for(timeout=30_000)
+    page.screenshot(path=str(tmp_path / "docs.png"), full_page=True)
+    page.goto(f"{api}/redoc", wait_until="domcontentloaded")
+    page.get_by_text("/v1/detect/batch").first.wait_for(timeout=30_000)
+    assert not [u for u in blocked if "swagger" in u or "redoc" in u], blocked
+
+
+def test_openapi_declares_bodies_answers_and_errors(api):
+    doc = requests.get(f"{api}/openapi.json", timeout=30).json()
+    detect = doc["paths"]["/v1/detect"]["post"]
+    assert {"multipart/form-data", "application/json", "image/jpeg"} <= set(detect["requestBody"]["content"])
+    assert {"200", "400", "404", "413", "415", "422", "503"} <= set(detect["responses"])
+    adapter = next(p for p in detect["parameters"] if p["name"] == "adapter")
+    assert adapter["schema"]["enum"] == ["method1", "method2"]
+    err = detect["responses"]["415"]["content"]["application/json"]["schema"]["$ref"]
+    assert err.endswith("/ErrorBody")
+    # the JSON-base64 way a generated client would send it
+    body = {"image": base64.b64encode(_bytes(_photo(34))).decode()}
+    assert requests.post(f"{api}/v1/detect?adapter=method1", json=body, timeout=60).status_code == 200
+
+
+def test_schemathesis_finds_nothing(api):
+    """`st run --checks all` against the running app (schemathesis.toml: image content rules are 415/422)."""
+    st = Path(sys.executable).parent / "st"
+    out = subprocess.run([str(st), "run", f"{api}/openapi.json", "--checks", "all", "--max-examples", "40",
+                          "--seed", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-4000:]
+    assert re.search(r"\d+ generated, \d+ passed", out.stdout), out.stdout[-2000:]
+
+
+def _readme_section(title: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    return text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_readmes_api_examples_run(api, tmp_path):
+    """The README's curl lines and Python client, run as written against the app (URL and file swapped)."""
+    section = _readme_section("Calling the API")
+    photo, other = tmp_path / "photo.jpg", tmp_path / "b.png"
+    photo.write_bytes(_bytes(_photo(35), "JPEG", quality=92))
+    other.write_bytes(_bytes(_photo(36)))
+    curls = [line for line in section.split("```bash", 1)[1].split("```", 1)[0].splitlines() if line.startswith("curl")]
+    assert len(curls) >= 4
+    for line in curls:
+        cmd = line.replace("http://127.0.0.1:8000", api).replace("@a.jpg", f"@{photo}").replace("@b.png", f"@{other}") \
+            .replace("@photo.jpg", f"@{photo}")
+        out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=60)
+        body = __import__("json").loads(out.stdout)
+        assert "p_fake" in body or len(body["results"]) == 2, (line, out.stdout[:300])
+    code = section.split("<!-- example:python -->\n```python\n", 1)[1].split("```", 1)[0]
+    code = code.replace('"http://127.0.0.1:8000"', repr(api)).replace('"photo.jpg"', repr(str(photo)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    first, *members = out.stdout.strip().splitlines()
+    assert first.split()[0] in ("real", "fake", "uncertain") and len(members) == 2, out.stdout

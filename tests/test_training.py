@@ -100,8 +100,12 @@ def test_resume_after_a_crash_gives_bit_identical_adapter(tiny_model, demo_data,
     assert state["finished"] and (straight / "adapter").exists()  # the final checkpoint holds the export
     assert len(history) == 2 and history[1]["loss"] < history[0]["loss"]  # training loss falls
     # calibrated on the WHOLE val split, with the best weights
-    n_val = sum(manifest["data"]["class_counts"]["val"]) - len(corrupt_by_split(demo_data)["val"])
+    corrupt = corrupt_by_split(demo_data)
+    n_val = sum(manifest["data"]["class_counts"]["val"]) - len(corrupt["val"])
     assert manifest["calibration"]["n"] == manifest["val_metrics"]["n"] == n_val
+    # ~2 % unreadable rows (truncated, garbage, empty, header and scan bombs): each skipped and counted
+    # once per split it was read in (the train split is read once here, val in full at the end)
+    assert manifest["data"]["skipped_unreadable"] == {s: len(ids) for s, ids in corrupt.items() if ids and s != "test"}
     steps = json.loads((straight / "loop_state.json").read_text())["global_step"] // 2
     # crash one step into epoch 2, with no retries: the run fails after its epoch-1 checkpoint
     with pytest.raises(Exception, match="injected failure"):

@@ -98,17 +98,22 @@ def _float(text: str) -> float:
     return float(re.search(r"[0-9]*\.[0-9]+", text).group(0))
 
 
+def _score_in_page(page, ui: str, image: Path, expect: str) -> str:
+    """Upload `image` on the Score tab, press Score, wait for `expect` in the verdict; its text."""
+    page.goto(ui, wait_until="domcontentloaded")
+    page.locator("#score-image input[type=file]").set_input_files(str(image))
+    page.locator("#score-image img").wait_for(timeout=30_000)
+    page.click("#score-button")
+    page.wait_for_selector(f"#score-verdict :text('{expect}')", timeout=60_000)
+    return page.inner_text("#score-verdict")
+
+
 def test_score_tab_shows_the_apis_answer_and_its_errors(ui, api, browser, tmp_path):
     image = tmp_path / "photo.png"
     image.write_bytes(_bytes(_photo(31)))
     truth = requests.post(f"{api}/v1/ensemble", files={"image": ("photo.png", image.read_bytes())}, timeout=60).json()
     page, _ = _offline_page(browser)
-    page.goto(ui, wait_until="domcontentloaded")
-    page.locator("#score-image input[type=file]").set_input_files(str(image))
-    page.locator("#score-image img").wait_for(timeout=30_000)
-    page.click("#score-button")
-    page.wait_for_selector("#score-verdict :text('Verdict')", timeout=60_000)
-    verdict = page.inner_text("#score-verdict")
+    verdict = _score_in_page(page, ui, image, "Verdict")
     assert f"Verdict: {truth['label'].upper()}" in verdict
     assert _float(verdict.split("P(fake)")[1]) == pytest.approx(truth["p_fake"], abs=5e-4)
     cells = _cells(page.inner_text("#score-members"))
@@ -118,12 +123,7 @@ def test_score_tab_shows_the_apis_answer_and_its_errors(ui, api, browser, tmp_pa
     # an image the API refuses: the API's status and message, not a traceback
     small = tmp_path / "small.png"
     small.write_bytes(_bytes(_photo(32, size=(12, 12))))
-    page.goto(ui, wait_until="domcontentloaded")
-    page.locator("#score-image input[type=file]").set_input_files(str(small))
-    page.locator("#score-image img").wait_for(timeout=30_000)
-    page.click("#score-button")
-    page.wait_for_selector("#score-verdict :text('API error')", timeout=60_000)
-    error = page.inner_text("#score-verdict")
+    error = _score_in_page(page, ui, small, "API error")
     assert "422 image_rejected" in error and "minimum side" in error and "Traceback" not in error
     page.screenshot(path=str(tmp_path / "ui-error.png"), full_page=True)
     assert (tmp_path / "ui-score.png").stat().st_size > 10_000

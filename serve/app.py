@@ -12,6 +12,7 @@ import asyncio
 import base64
 import binascii
 import functools
+import hashlib
 import hmac
 import json
 import logging
@@ -140,26 +141,30 @@ class Detector:
 
 
 async def read_body(request: Request, limits: C.RequestLimits) -> bytes:
-    """The body, under the size cap (413) and the deadlines (408): total time and the longest gap
-    between chunks, so a stalled or trickling upload is dropped instead of held."""
+    """The body, under the size cap (413) and the deadlines (408): total time, the longest gap
+    between chunks and, after that first window, a minimum average rate, so a stalled or trickling
+    upload is dropped instead of held."""
     max_bytes = int(limits.max_body_mb * 2**20)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise BodyTooLarge(f"body of {declared} bytes exceeds the limit of {max_bytes}")
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + limits.body_timeout_s
+    start = loop.time()
+    deadline = start + limits.body_timeout_s
     chunks, size, stream = [], 0, request.stream()
     while True:
         wait = min(limits.body_idle_timeout_s, deadline - loop.time())
+        elapsed = loop.time() - start
         try:
-            if wait <= 0:
+            if wait <= 0 or (elapsed > limits.body_idle_timeout_s and size / elapsed < limits.body_min_kbps * 1000):
                 raise TimeoutError
             chunk = await asyncio.wait_for(anext(stream), wait)
         except StopAsyncIteration:
             return b"".join(chunks)
         except TimeoutError:
-            raise RequestTimeout(f"request body not received in time ({size} bytes after at most "
-                                 f"{limits.body_timeout_s:g} s, {limits.body_idle_timeout_s:g} s between chunks)") from None
+            raise RequestTimeout(f"request body not received in time ({size} bytes after {loop.time() - start:.1f} s; "
+                                 f"limits: {limits.body_timeout_s:g} s in all, {limits.body_idle_timeout_s:g} s "
+                                 f"between chunks, {limits.body_min_kbps:g} kB/s on average)") from None
         except ClientDisconnect:
             raise BadRequest("client disconnected before the body was complete") from None
         size += len(chunk)
@@ -250,7 +255,7 @@ def api_keys(auth: C.AuthConfig) -> list[bytes]:
         if not path.is_file():
             raise C.ConfigError(f"auth.keys_file {path} does not exist on this node")
         keys += path.read_text().splitlines()
-    keys = [k.strip().encode() for k in keys if k.strip()]
+    keys = [hashlib.sha256(k.strip().encode()).digest() for k in keys if k.strip()]
     if auth.enabled and not keys:
         raise C.ConfigError(f"auth.enabled but no API key in ${auth.keys_env}"
                             + (f" or {auth.keys_file}" if auth.keys_file else ""))
@@ -265,7 +270,7 @@ def check_api_key(request: Request, keys: list[bytes]) -> None:
         given = bearer[7:].strip()
     if not given:
         raise Unauthorized("API key required: send `Authorization: Bearer <key>` or `X-API-Key: <key>`")
-    presented = given.encode("utf-8", "replace")
+    presented = hashlib.sha256(given.encode("utf-8", "replace")).digest()  # equal lengths: no length leak
     accepted = False
     for key in keys:
         accepted |= hmac.compare_digest(presented, key)

@@ -77,7 +77,8 @@ def test_every_cluster_uses_token_auth_and_mounts_the_shared_volume():
         (doc,) = _docs(path)
         cluster = doc["spec"].get("rayClusterSpec") or doc["spec"]["rayClusterConfig"]
         assert cluster["authOptions"] == {"mode": "token"}, path.name
-        assert cluster["rayVersion"] == __import__("ray").__version__, path.name
+        ray_minor = ".".join(__import__("ray").__version__.split(".")[:2])
+        assert cluster["rayVersion"].rsplit(".", 1)[0] == ray_minor, path.name  # the release pyproject pins
         for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
             spec = group["template"]["spec"]
             assert {"name": "shared", "persistentVolumeClaim": {"claimName": "aigd-shared"}} in spec["volumes"]

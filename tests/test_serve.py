@@ -329,6 +329,27 @@ def test_stalled_uploads_hold_no_slot_and_are_dropped_with_408(server):
             s.close()
 
 
+def test_a_trickling_upload_is_dropped_once_below_the_minimum_rate(server):
+    """One byte a second never stalls long enough for the idle deadline; the rate rule drops it."""
+    import time
+
+    port = int(server.rsplit(":", 1)[1])
+    with _stalled_upload(port, "/main/v1/ensemble") as s:
+        s.settimeout(0.5)
+        answer, t0 = b"", time.monotonic()
+        while b"}}" not in answer and time.monotonic() - t0 < 20:
+            try:
+                s.sendall(b"\x00")
+                answer += s.recv(4096)
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+    text = answer.decode(errors="replace")
+    assert text.startswith("HTTP/1.1 408") and "kB/s on average" in text, text
+    assert time.monotonic() - t0 < 10  # the app's idle window is 2 s, its total deadline 30 s
+
+
 def test_routing_errors_and_odd_queries_answer_json(server):
     data = _bytes(_photo(12))
     for r, status, code in [

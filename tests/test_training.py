@@ -168,8 +168,9 @@ def test_sigkill_of_a_train_worker_mid_epoch_restarts_from_the_checkpoint(tiny_m
 
 def test_sigkill_while_writing_a_checkpoint_resumes_from_the_last_complete_one(tiny_model, demo_data, tmp_path,
                                                                                straight):
-    """The worker is SIGKILLed with half of epoch 2's checkpoint written; every checkpoint that reached
-    storage is complete, the restart resumes from epoch 1's, and the result equals the straight run."""
+    """The worker is SIGKILLed with half of epoch 2's checkpoint written (in its local folder, before
+    Ray Train copies and registers it): the restart resumes from the last registered, complete one
+    (epoch 1's) and the result equals the straight run; a half-written folder is refused by name."""
     import train_method1
 
     steps = json.loads((straight[1] / "loop_state.json").read_text())["global_step"]

@@ -245,6 +245,7 @@ class RequestLimits:
     # upload holds no scoring slot and is dropped with a 408 (1 MB/s needs 20 s for the cap).
     body_timeout_s: float = 30.0
     body_idle_timeout_s: float = 5.0  # longest wait for the next chunk
+    body_min_kbps: float = 8.0  # average upload rate required once body_idle_timeout_s has passed
     # Decode + model, once admitted; past it the answer is a 503 + Retry-After. Set Serve's
     # http_options.request_timeout_s above body_timeout_s + timeout_s.
     timeout_s: float = 30.0

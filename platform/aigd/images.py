@@ -11,6 +11,7 @@ before mode conversion, so memory follows what the model uses, not what the file
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 from typing import Callable
 
@@ -19,6 +20,8 @@ from PIL import Image, ImageOps
 
 from aigd.config import DecodeLimits
 from aigd.errors import CorruptImage, ImageRejected, ImageTooLarge, UnsupportedMediaType
+
+log = logging.getLogger(__name__)
 
 _MAGIC = (
     (b"\xff\xd8\xff", "JPEG"),
@@ -68,7 +71,8 @@ def open_header(data: bytes, limits: DecodeLimits) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageTooLarge(f"image declares too many pixels: {e}") from None
     except Exception as e:  # Pillow raises many types for broken headers
-        raise CorruptImage(f"cannot read {fmt} header: {e}") from None
+        log.info("unreadable %s header: %s: %s", fmt, type(e).__name__, e)
+        raise CorruptImage(f"cannot read the {fmt} header: the data is corrupt") from None
     w, h = img.size
     cap = limits.max_jpeg_pixels if fmt == "JPEG" else limits.max_pixels
     if w * h > cap:
@@ -177,4 +181,5 @@ def decode(data: bytes, limits: DecodeLimits = DecodeLimits(),
     except MemoryError:
         raise ImageTooLarge("not enough memory to decode this image") from None
     except Exception as e:  # Pillow's decoders raise many types (OSError, ValueError, struct.error, ...)
-        raise CorruptImage(f"cannot decode {img.format} image: {type(e).__name__}: {e}") from None
+        log.info("undecodable %s image: %s: %s", img.format, type(e).__name__, e)
+        raise CorruptImage(f"cannot decode the {img.format} image: the data is truncated or corrupt") from None

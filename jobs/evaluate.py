@@ -23,10 +23,10 @@ import ray
 from aigd import config as C
 from aigd import report as R
 from aigd import robustness as E
-from aigd.data import LIGHT_STAGE_CPUS, configure_execution
+from aigd.data import configure_execution, planned_rows
 from aigd.manifest import policy_for, update_calibration
-from aigd.sampling import class_counts, select_rows
-from aigd.sources import metadata, read_source, resolve_source
+from aigd.sampling import class_counts
+from aigd.sources import metadata, resolve_source
 
 
 def parse_args(argv=None) -> C.EvalConfig:
@@ -44,22 +44,24 @@ def parse_args(argv=None) -> C.EvalConfig:
     return C.replace(cfg, image=policy_for(cfg))  # the expand stage prepares images before any Scorer exists
 
 
+def scoring_dataset(cfg: C.EvalConfig, data: C.DataConfig, split: str, perturbations: list[str]):
+    """Ray Data: the split's planned rows -> decode + perturbations (tasks) -> Scorers (an actor pool)."""
+    rows, files = planned_rows(data, split, None)
+    ds = rows.map_batches(E.expand_block, fn_kwargs=dict(cfg=data, files=files, perturbations=perturbations,
+                                                         policy=cfg.image),
+                          batch_format="pyarrow", batch_size=None, num_cpus=cfg.decode_cpus)
+    return ds.map_batches(E.ScoringActor, fn_constructor_kwargs=dict(cfg=C.to_dict(cfg)), batch_format="numpy",
+                          batch_size=cfg.batch_size, concurrency=cfg.scorers, num_cpus=cfg.scorer_cpus,
+                          num_gpus=cfg.scorer_gpus or None)
+
+
 def score(cfg: C.EvalConfig, split: str, perturbations: list[str]) -> tuple[dict, int]:
     """All scores of one split as numpy columns, plus the number of images that could not be decoded."""
     data = resolve_source(cfg.data)
     counts = class_counts(data, metadata(data))  # metadata only: no second read of the image bytes
     rows_in = sum(sum(c) for c in counts.values()) if split == "all" else sum(counts[split])
-    ds = read_source(data, LIGHT_STAGE_CPUS).map_batches(select_rows, fn_kwargs=dict(cfg=data, split=split),
-                                                         batch_format="pyarrow", batch_size=None,
-                                                         num_cpus=LIGHT_STAGE_CPUS)
-    ds = ds.map_batches(E.expand, fn_kwargs=dict(perturbations=perturbations, policy=cfg.image,
-                                                 max_pixels=data.max_image_pixels),
-                        batch_format="numpy", batch_size=cfg.batch_size, num_cpus=cfg.decode_cpus)
-    ds = ds.map_batches(E.ScoringActor, fn_constructor_kwargs=dict(cfg=C.to_dict(cfg)), batch_format="numpy",
-                        batch_size=cfg.batch_size, concurrency=cfg.scorers, num_cpus=cfg.scorer_cpus,
-                        num_gpus=cfg.scorer_gpus or None)
     cols: dict[str, list] = {}
-    for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
+    for batch in scoring_dataset(cfg, data, split, perturbations).iter_batches(batch_size=256, batch_format="numpy"):
         for k, v in batch.items():
             cols.setdefault(k, []).extend(list(v))
     scores = {k: np.asarray(v) for k, v in cols.items()}

@@ -45,11 +45,39 @@ log = logging.getLogger("ray.serve")
 
 # redirect_slashes off: `/v1/detect/` is a JSON 404 like any unknown path, not a redirect.
 # FastAPIOffline: /docs and /redoc with Swagger UI and ReDoc served from the package, not a CDN.
+DOCS_PATHS = ("/docs", "/redoc")
 api = FastAPIOffline(title="aigd: AI-generated image detection", version=__version__, redirect_slashes=False,
+                     docs_url=DOCS_PATHS[0], redoc_url=DOCS_PATHS[1],
                      description="P(fake) for an image from LoRA adapters on Qwen2.5-VL. Send image bytes: "
                                  "multipart (field `image`), JSON `{\"image\": \"<base64>\"}` or a raw image body. "
                                  "Every error is `{\"error\": {\"code\", \"message\"}}`.")
 ERRORS = error_responses()
+
+# The docs pages may load only what this server serves: ReDoc's bundle adds a logo from its CDN
+# after rendering, which an air-gapped or privacy-minded deployment must not request.
+DOCS_CSP = (b"default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+            b"img-src 'self' data:; worker-src 'self' blob:; connect-src 'self'")
+
+
+class DocsContentSecurityPolicy:
+    """ASGI middleware: a Content-Security-Policy header on /docs and /redoc, nothing else touched."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] not in DOCS_PATHS:
+            return await self.app(scope, receive, send)
+
+        async def with_csp(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"content-security-policy", DOCS_CSP)]
+            await send(message)
+
+        await self.app(scope, receive, with_csp)
+
+
+api.add_middleware(DocsContentSecurityPolicy)
 
 LATENCY_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000]
 BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64]

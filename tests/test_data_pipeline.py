@@ -11,7 +11,7 @@ from aigd import sampling as S
 from aigd.batching import encode
 from aigd.config import AugmentConfig, DataConfig, ImagePolicy
 from aigd.prompt import prepare_image
-from aigd.sources import DataError, metadata, read_source
+from aigd.sources import DataError, metadata, row_blocks, with_images
 from conftest import corrupt_by_split
 
 POLICY = ImagePolicy(max_pixels=140 * 140, min_pixels=56 * 56)
@@ -81,14 +81,54 @@ def test_balance_is_exact_and_redrawn_per_epoch(cfg, table, ray_local):
     picked = []
     for epoch in (0, 1):
         sample = S.balance(cfg, metadata(cfg), epoch)
-        ds = read_source(cfg, 1.0).map_batches(S.select_rows, fn_kwargs=dict(cfg=cfg, split="train", sample=sample),
-                                                batch_format="pyarrow")
+        ds, _ = D.planned_rows(cfg, "train", sample)
         rows = ds.select_columns(["img_id", "label"]).take_all()
         labels = [r["label"] for r in rows]
         assert labels.count(0) == n and labels.count(1) == n
         picked.append({r["img_id"] for r in rows})
     if counts["train"][0] != counts["train"][1]:
         assert picked[0] != picked[1]
+
+
+def test_planned_blocks_read_exactly_their_rows(cfg, table, tmp_path):
+    """Blocks hold <= n rows of one shard; reading a block's images touches only the row groups that
+    hold its rows, in order, even when the selection skips rows and groups; a shard rewritten after
+    planning is an error, not silently different images."""
+    import dataclasses
+
+    import pyarrow as pa
+
+    shard = tmp_path / "data" / "train-00000.parquet"
+    shard.parent.mkdir()
+    pq.write_table(table.slice(0, 60), shard, row_group_size=7)
+    small = dataclasses.replace(cfg, path=str(tmp_path))
+    meta = metadata(small)
+    assert meta.column("_row").to_pylist() == list(range(60)) and set(meta.column("_file").to_pylist()) == {0}
+    picked = meta.filter(pa.array([i % 3 != 1 and not 21 <= i < 35 for i in range(60)]))
+    blocks = row_blocks(picked, 5)
+    assert all(b.num_rows <= 5 for b in blocks) and pa.concat_tables(blocks).equals(picked)
+    want = {r["img_id"]: r["image"] for r in table.slice(0, 60).to_pylist()}
+    got = pa.concat_tables([with_images(small, [str(shard)], b) for b in blocks])
+    assert got.column("img_id").to_pylist() == picked.column("img_id").to_pylist()
+    assert all(img == want[i] for i, img in zip(got.column("img_id").to_pylist(), got.column("image").to_pylist()))
+    across = metadata(cfg)  # the demo's shards: blocks never mix two of them
+    assert all(len(set(b.column("_file").to_pylist())) == 1 for b in row_blocks(across, 64))
+    pq.write_table(table.slice(1, 60), shard, row_group_size=7)
+    with pytest.raises(DataError, match="changed after its rows were planned"):
+        with_images(small, [str(shard)], blocks[0])
+
+
+def test_preprocessing_actors_fit_the_cpus_left_and_a_per_worker_cap(cfg, ray_local):
+    """On this 2-CPU test cluster: the CPUs the training workers hold are not counted, each actor
+    holds preprocess_cpus, at most 4 per training worker, and an explicit count wins."""
+    import dataclasses
+
+    assert D.preprocess_actors(cfg) == 4  # 2 CPUs / 0.5
+    assert D.preprocess_actors(cfg, reserved_cpus=1.0, train_workers=2) == 2
+    light = dataclasses.replace(cfg, preprocess_cpus=0.1)
+    assert D.preprocess_actors(light, reserved_cpus=1.0, train_workers=1) == D.ACTORS_PER_TRAIN_WORKER
+    assert D.preprocess_actors(light, reserved_cpus=2.0) == 1  # never none
+    assert D.preprocess_actors(dataclasses.replace(cfg, preprocess_actors=3), reserved_cpus=2.0) == 3
 
 
 def test_validation_subset_is_fixed_and_keeps_the_class_proportions(cfg, table):
@@ -155,8 +195,9 @@ def test_batches_match_the_processor_for_the_same_image(cfg, tiny_model, process
 
 
 def test_light_stages_and_the_router_never_import_torch():
-    """Ray Data runs the metadata stages in 0.1-CPU tasks and Serve runs routers beside the model;
-    a process that imports torch costs seconds of CPU and ~0.5 GB, which on 2 CPUs stalled training."""
+    """The driver plans the data on metadata, 0.1-CPU tasks draw each epoch's sample of cached rows, and
+    Serve runs routers beside the model; a process that imports torch costs seconds of CPU and ~0.5
+    GB, which on 2 CPUs stalled training."""
     import subprocess
     import sys
     from pathlib import Path

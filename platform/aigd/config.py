@@ -81,8 +81,10 @@ class DataConfig:
     max_image_pixels: int = 40_000_000
     max_rows: Optional[int] = None
     preprocess_cpus: float = 1.0
-    # Concurrent read + metadata-filter tasks: cheap stages; each extra one is another worker process.
-    read_tasks: int = 2
+    # Preprocessing actors per epoch (each reads, decodes, augments and encodes its rows; each holds
+    # preprocess_cpus). None: as many as the CPUs left after the training workers hold, at most 4 per
+    # training worker.
+    preprocess_actors: Optional[int] = None
     preserve_order: bool = False
     # Without augmentation (Method 1) every epoch would decode and encode the same images again:
     # preprocess the train split once and keep it in the object store (spilled to disk when full;

@@ -21,14 +21,17 @@ from aigd.errors import AigdError
 from aigd.images import decode, jpeg
 from aigd.prompt import prepare, prepare_image
 from aigd.sampling import Subsample, select_rows
-from aigd.sources import DataError, image_bytes, read_source
+from aigd.sources import DataError, image_bytes, metadata, row_blocks, shards, with_images
 
 log = logging.getLogger(__name__)
 
 ROWS_PER_TASK = 32
-# Reading and metadata filtering are short bursts; at a full CPU each they would hold back a
-# preprocessing task (the stage that does the work) whenever they run.
+# Short bookkeeping stages (an epoch's sample of cached rows); at a full CPU each they would hold
+# back the preprocessing actors whenever they run.
 LIGHT_STAGE_CPUS = 0.1
+# ...and at most this many at once: Ray starts a worker process per concurrent task, and on a small
+# node unbounded 0.1-CPU tasks meant a dozen new processes competing with training every epoch.
+LIGHT_STAGE_TASKS = 2
 
 
 def row_rng(seed: int, epoch: int, img_id: str) -> np.random.Generator:
@@ -183,20 +186,72 @@ def configure_execution(cfg: DataConfig) -> None:
         opts.resource_limits = opts.resource_limits.copy(object_store_memory=cfg.object_store_budget_mb * 2**20)
 
 
+def planned_rows(cfg: DataConfig, split: str, sample: Subsample | None):
+    """(Ray Dataset of the split's metadata rows, shard paths): selection happens here, on metadata
+    only; each block is <= ROWS_PER_TASK rows of one shard, whose bytes the decoding stage reads.
+
+    One metadata pass on the driver instead of Ray Data's parquet reader: its file-listing task and
+    a repartition task each held a whole CPU for the run, so on a small node preprocessing got one
+    CPU of two, and the repartition buffered every image's bytes in the object store.
+    """
+    import ray.data
+
+    kept = select_rows(metadata(cfg), cfg, split, sample)
+    return ray.data.from_arrow(row_blocks(kept, ROWS_PER_TASK) or [kept]), shards(cfg)
+
+
+class Preprocessor:
+    """Ray Data actor: reads a block's image bytes, then decode -> augment -> processor in batches.
+
+    A fixed pool of these lives for the whole epoch, so torch, the processor and the transforms load
+    once per actor rather than in every task process Ray starts."""
+
+    def __init__(self, cfg: DataConfig, files: list[str], processor: tuple[str, str | None], policy: ImagePolicy,
+                 aug: AugmentConfig | None, epoch: int, batch_size: int, split: str, counter: str | None):
+        self.cfg, self.files, self.batch_size = cfg, files, batch_size
+        self.kwargs = dict(processor=processor, policy=policy, aug=aug, seed=cfg.seed, epoch=epoch,
+                           max_pixels=cfg.max_image_pixels, split=split, counter=counter)
+        cached_processor(*processor)
+
+    def __call__(self, rows):
+        table = with_images(self.cfg, self.files, rows)
+        for start in range(0, table.num_rows, self.batch_size):
+            part = table.slice(start, self.batch_size)
+            batch = {"img_id": part.column("img_id").to_pylist(), "image": part.column("image").to_pylist(),
+                     "label": part.column("label").to_numpy()}
+            yield preprocess(batch, **self.kwargs)
+
+
+# One GPU trains on ~10 (5-16) Method-2 samples/s, which needs < 0.5 CPU of preprocessing (README,
+# "Scaling on paper"); 4 per training worker leaves room for costlier PNG sources. Each actor holds
+# torch (~1 GB resident), so a big shared cluster must not get one per free CPU.
+ACTORS_PER_TRAIN_WORKER = 4
+
+
+def preprocess_actors(cfg: DataConfig, reserved_cpus: float = 0.0, train_workers: int | None = None) -> int:
+    """data.preprocess_actors, or as many as the cluster's CPUs hold after `reserved_cpus` (the
+    training workers' share), at most ACTORS_PER_TRAIN_WORKER per training worker."""
+    import ray
+
+    if cfg.preprocess_actors is not None:
+        return cfg.preprocess_actors
+    free = ray.cluster_resources().get("CPU", 1.0) - reserved_cpus
+    n = max(1, int(free / cfg.preprocess_cpus + 1e-9))
+    return min(n, ACTORS_PER_TRAIN_WORKER * train_workers) if train_workers else n
+
+
 def build_dataset(cfg: DataConfig, split: str, processor: tuple[str, str | None], policy: ImagePolicy,
                   aug: AugmentConfig | None, epoch: int, sample: Subsample | None,
-                  batch_size: int = 32, counter: str | None = None):
+                  batch_size: int = 32, counter: str | None = None, reserved_cpus: float = 0.0,
+                  train_workers: int | None = None):
     """The lazy Ray Dataset of one split for one epoch: ready tensors, one row per image.
     `processor` is (name_or_path, revision) of the base whose processor encodes the images."""
-    ds = read_source(cfg, LIGHT_STAGE_CPUS)
-    ds = ds.map_batches(select_rows, fn_kwargs=dict(cfg=cfg, split=split, sample=sample),
-                        batch_format="pyarrow", batch_size=None, num_cpus=LIGHT_STAGE_CPUS,
-                        concurrency=cfg.read_tasks)
-    # Parquet reads come in blocks of hundreds of rows (a whole small file is one block); split them
-    # so every preprocessing CPU gets work instead of one task decoding a whole file.
-    ds = ds.repartition(target_num_rows_per_block=max(batch_size, ROWS_PER_TASK))
-    return ds.map_batches(preprocess, fn_kwargs=dict(
-        processor=processor, policy=policy, aug=aug if (aug and aug.enabled) else None,
-        seed=cfg.seed, epoch=epoch, max_pixels=cfg.max_image_pixels, split=split,
-        counter=counter),
-        batch_format="numpy", batch_size=batch_size, num_cpus=cfg.preprocess_cpus)
+    import ray.data
+
+    rows, files = planned_rows(cfg, split, sample)
+    return rows.map_batches(
+        Preprocessor, fn_constructor_kwargs=dict(
+            cfg=cfg, files=files, processor=processor, policy=policy, aug=aug if (aug and aug.enabled) else None,
+            epoch=epoch, batch_size=batch_size, split=split, counter=counter),
+        batch_format="pyarrow", batch_size=None, num_cpus=cfg.preprocess_cpus,
+        compute=ray.data.ActorPoolStrategy(size=preprocess_actors(cfg, reserved_cpus, train_workers)))

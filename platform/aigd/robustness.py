@@ -13,14 +13,14 @@ import re
 import numpy as np
 from PIL import Image
 
-from aigd.config import DecodeLimits, EvalConfig, ImagePolicy, from_dict
+from aigd.config import DataConfig, DecodeLimits, EvalConfig, ImagePolicy, from_dict
 from aigd.decision import ENSEMBLE, Rule, combine, ensemble_rule, p_fake
 from aigd.errors import AigdError
 from aigd.images import decode, jpeg, sniff
 from aigd.metrics import binary_metrics, bootstrap_ci, ece, fit_calibration
 from aigd.prompt import prepare, prepare_image
 from aigd.scorer import Scorer
-from aigd.sources import image_bytes
+from aigd.sources import image_bytes, with_images
 _JPEG = re.compile(r"jpeg_q(\d+)$")
 _SCALE = re.compile(r"downscale_([0-9.]+)$")
 _CROP = re.compile(r"center_crop_([0-9.]+)$")
@@ -77,6 +77,13 @@ def expand(batch: dict, perturbations: list[str], policy: ImagePolicy, max_pixel
             out["height"].append(int(batch["height"][i]))
             out["format"].append(fmt)
     return out
+
+
+def expand_block(rows, cfg: DataConfig, files: list[str], perturbations: list[str], policy: ImagePolicy) -> dict:
+    """`expand` for a block of planned rows (aigd.data.planned_rows): reads their images first."""
+    table = with_images(cfg, files, rows)
+    batch = {k: table.column(k).to_pylist() for k in ("img_id", "image", "label", "width", "height")}
+    return expand(batch, perturbations, policy, cfg.max_image_pixels)
 
 
 class ScoringActor:

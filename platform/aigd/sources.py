@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
@@ -15,7 +16,8 @@ import pyarrow.parquet as pq
 from aigd.config import DataConfig
 
 META_COLUMNS = ["img_id", "width", "height", "label"]
-IMAGE_COLUMNS = ["img_id", "image", "width", "height", "label"]
+# Where a row's image lives: `_file` indexes shards(cfg), `_row` is the row within that shard.
+LOCATION = ["_file", "_row"]
 
 
 class DataError(ValueError):
@@ -94,6 +96,7 @@ def image_folder_table(path: str) -> pa.Table:
     return pa.table(rows)
 
 
+@lru_cache(maxsize=2)
 def hf_disk_table(path: str) -> pa.Table:
     from datasets import load_from_disk
 
@@ -103,15 +106,31 @@ def hf_disk_table(path: str) -> pa.Table:
     return ds.data.table
 
 
+def shards(cfg: DataConfig) -> list[str]:
+    """What metadata's `_file` indexes: the parquet shards, or the one folder."""
+    return parquet_files(cfg.path)[1] if cfg.source == "sid_parquet" else [cfg.path]
+
+
+def _located(table: pa.Table, files: list[int]) -> pa.Table:
+    import numpy as np
+
+    file_idx = np.repeat(np.arange(len(files), dtype=np.int32), files)
+    rows = np.concatenate([np.arange(n, dtype=np.int64) for n in files]) if files else np.zeros(0, np.int64)
+    return table.append_column("_file", pa.array(file_idx)).append_column("_row", pa.array(rows))
+
+
 def metadata(cfg: DataConfig) -> pa.Table:
-    """img_id/width/height/label for every row, without reading image bytes."""
+    """img_id/width/height/label and the row's location for every row, without reading image bytes."""
     if cfg.source == "sid_parquet":
         fs, files = parquet_files(cfg.path)
-        table = pq.ParquetDataset(files, filesystem=fs).read(columns=META_COLUMNS)
+        ds = pq.ParquetDataset(files, filesystem=fs)
+        table = _located(ds.read(columns=META_COLUMNS), [f.metadata.num_rows for f in ds.fragments])
     elif cfg.source == "hf_disk":
         table = hf_disk_table(cfg.path).select(META_COLUMNS)
+        table = _located(table, [table.num_rows])
     elif cfg.source == "image_folder":
         table = image_folder_table(cfg.path).select(META_COLUMNS)
+        table = _located(table, [table.num_rows])
     else:
         raise DataError(f"source {cfg.source} must be resolved first")
     if cfg.max_rows is not None:
@@ -119,21 +138,53 @@ def metadata(cfg: DataConfig) -> pa.Table:
     return table
 
 
-def read_source(cfg: DataConfig, read_cpus: float):
-    """Ray Dataset with img_id, image (encoded bytes), width, height, label."""
-    import ray.data
+def row_blocks(rows: pa.Table, rows_per_block: int) -> list[pa.Table]:
+    """Selected metadata rows cut into blocks of at most `rows_per_block` rows of one shard each:
+    the unit of work of the stage that reads and decodes the images."""
+    import numpy as np
 
+    file_idx = rows.column("_file").to_numpy()
+    starts = np.flatnonzero(np.diff(file_idx, prepend=-1))
+    ends = np.append(starts[1:], len(file_idx))
+    return [rows.slice(s, min(rows_per_block, e - s)) for a, e in zip(starts, ends)
+            for s in range(a, e, rows_per_block)]
+
+
+def _parquet_images(path: str, shard: str, row_idx) -> tuple[list, list]:
+    """(img_id, image) of the given rows of one shard, reading only the row groups that hold them."""
+    import numpy as np
+
+    fs = _filesystem(path)[0]
+    with fs.open_input_file(shard) as fh:
+        pf = pq.ParquetFile(fh)
+        sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        group = np.searchsorted(starts, row_idx, side="right") - 1
+        wanted = np.unique(group)
+        before = np.concatenate([[0], np.cumsum([sizes[g] for g in wanted])])  # offsets in the read table
+        pos = before[np.searchsorted(wanted, group)] + (row_idx - starts[group])
+        part = pf.read_row_groups(wanted.tolist(), columns=["img_id", "image"]).take(pa.array(pos))
+    return part.column("img_id").to_pylist(), part.column("image").to_pylist()
+
+
+def with_images(cfg: DataConfig, files: list[str], rows: pa.Table) -> pa.Table:
+    """A block from row_blocks plus its `image` column (bytes structs, bytes, or file paths)."""
+    ids = rows.column("img_id").to_pylist()
+    if not ids:
+        return rows.append_column("image", pa.array([], pa.binary()))
+    shard = files[rows.column("_file")[0].as_py()]
+    row_idx = rows.column("_row").to_numpy()
     if cfg.source == "sid_parquet":
-        fs, files = parquet_files(cfg.path)
-        ds = ray.data.read_parquet(files, filesystem=fs, num_cpus=read_cpus,
-                                   concurrency=cfg.read_tasks).select_columns(IMAGE_COLUMNS)
+        found, images = _parquet_images(cfg.path, shard, row_idx)
     elif cfg.source == "hf_disk":
-        ds = ray.data.from_arrow(hf_disk_table(cfg.path).select(IMAGE_COLUMNS))
+        part = hf_disk_table(shard).select(["img_id", "image"]).take(pa.array(row_idx))
+        found, images = part.column("img_id").to_pylist(), part.column("image").to_pylist()
     else:
-        ds = ray.data.from_arrow(image_folder_table(cfg.path))
-    if cfg.max_rows is not None:
-        ds = ds.limit(cfg.max_rows)
-    return ds
+        found, images = ids, [str(Path(shard) / i) for i in ids]
+    if [str(x) for x in found] != [str(x) for x in ids]:
+        raise DataError(f"{shard} changed after its rows were planned (img_id {found[0]!r} where {ids[0]!r} "
+                        f"was expected): rerun the job")
+    return rows.append_column("image", pa.array(images))
 
 
 def image_bytes(col) -> list:

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from aigd import config as C
-from aigd.data import (COUNTER_NAMESPACE, LIGHT_STAGE_CPUS, build_dataset, configure_execution, skip_counter,
-                       skipped_counts)
+from aigd.data import (COUNTER_NAMESPACE, LIGHT_STAGE_CPUS, LIGHT_STAGE_TASKS, build_dataset, configure_execution,
+                       skip_counter, skipped_counts)
 from aigd.loop import train_loop_per_worker
 from aigd.manifest import new_manifest, write_adapter
 from aigd.metrics import fit_calibration
@@ -93,10 +93,12 @@ def make_datasets(cfg: C.TrainJobConfig, plan: DataPlan) -> dict:
     subset preprocessed ONCE here (every evaluation reads the same rows); the whole val split for
     the final calibration pass."""
     processor = (cfg.model.name_or_path, cfg.model.revision)
+    trainer_cpus = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
 
     def build(split, aug, epoch, sample):
         return build_dataset(cfg.data, split, processor, cfg.image, aug, epoch, sample,
-                             batch_size=cfg.optim.batch_size, counter=counter_name(cfg))
+                             batch_size=cfg.optim.batch_size, counter=counter_name(cfg), reserved_cpus=trainer_cpus,
+                             train_workers=cfg.scaling.num_workers)
 
     if cfg.data.cache_preprocessed:
         if cfg.augment.enabled:
@@ -105,7 +107,7 @@ def make_datasets(cfg: C.TrainJobConfig, plan: DataPlan) -> dict:
         every = build("train", None, 0, None).materialize()  # decoded and encoded once
         ds = {f"train_{e}": every.map_batches(keep_sampled, fn_kwargs=dict(sample=plan.balance[e]),
                                               batch_format="numpy", num_cpus=LIGHT_STAGE_CPUS,
-                                              concurrency=cfg.data.read_tasks)
+                                              concurrency=LIGHT_STAGE_TASKS)
               if plan.balance[e] is not None else every for e in range(cfg.optim.epochs)}
     else:
         ds = {f"train_{e}": build("train", cfg.augment, e, plan.balance[e]) for e in range(cfg.optim.epochs)}

@@ -16,8 +16,6 @@ import pyarrow.parquet as pq
 from aigd.config import DataConfig
 
 META_COLUMNS = ["img_id", "width", "height", "label"]
-# Where a row's image lives: `_file` indexes shards(cfg), `_row` is the row within that shard.
-LOCATION = ["_file", "_row"]
 
 
 class DataError(ValueError):
@@ -111,11 +109,13 @@ def shards(cfg: DataConfig) -> list[str]:
     return parquet_files(cfg.path)[1] if cfg.source == "sid_parquet" else [cfg.path]
 
 
-def _located(table: pa.Table, files: list[int]) -> pa.Table:
+def _located(table: pa.Table, rows_per_file: list[int]) -> pa.Table:
+    """Where each row's image lives: `_file` indexes shards(cfg), `_row` is the row in that shard."""
     import numpy as np
 
-    file_idx = np.repeat(np.arange(len(files), dtype=np.int32), files)
-    rows = np.concatenate([np.arange(n, dtype=np.int64) for n in files]) if files else np.zeros(0, np.int64)
+    file_idx = np.repeat(np.arange(len(rows_per_file), dtype=np.int32), rows_per_file)
+    rows = (np.concatenate([np.arange(n, dtype=np.int64) for n in rows_per_file]) if rows_per_file
+            else np.zeros(0, np.int64))
     return table.append_column("_file", pa.array(file_idx)).append_column("_row", pa.array(rows))
 
 

@@ -66,12 +66,13 @@ def floor(cfg, split: str, threads: int, max_images: int) -> dict:
 def job(cfg, split: str) -> dict:
     """The job's scoring stage on a fresh local Ray (already initialised), consumed like evaluate.score."""
     import evaluate
-    from aigd.sources import resolve_source
+    from aigd.sources import metadata, resolve_source
 
     data = resolve_source(cfg.data)
     t0 = time.perf_counter()
     n, first = 0, None
-    for batch in evaluate.scoring_dataset(cfg, data, split, list(cfg.perturbations)).iter_batches(
+    table = evaluate.with_groups(metadata(data, extra=cfg.group_by), cfg.group_by)
+    for batch in evaluate.scoring_dataset(cfg, data, table, split, list(cfg.perturbations)).iter_batches(
             batch_size=None, batch_format="numpy"):  # blocks as they arrive
         n += len(batch["label"])
         if first is None:

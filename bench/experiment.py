@@ -32,14 +32,14 @@ def home() -> Path:
     return Path(os.environ.get("AIGD_HOME", "~/.cache/aigd")).expanduser()
 
 
-def train(method: str, seed: int) -> tuple[Path, dict]:
+def train(method: str, seed: int, tag: str = "", overrides: tuple[str, ...] = ()) -> tuple[Path, dict]:
     recipe = __import__(f"train_{method}")
     root = home() / "experiment"
-    name = f"exp-{method}-s{seed}-{int(time.time())}"
+    name = f"exp-{method}-s{seed}{tag}-{int(time.time())}"
     t0 = time.perf_counter()
     out = recipe.main(["--config", str(REPO / f"configs/demo_{method}.yaml"), f"optim.seed={seed}",
                        f"lora.seed={seed}", f"data.seed={seed}", f"run.name={name}",
-                       f"run.storage_path={root}/runs", f"run.export_dir={root}/s{seed}/{method}"])
+                       f"run.storage_path={root}/runs", f"run.export_dir={root}/s{seed}{tag}/{method}", *overrides])
     wall = time.perf_counter() - t0
     ckpts = sorted(p for p in (root / "runs" / name).glob("checkpoint_*") if p.is_dir())
     history = json.loads((ckpts[-1] / "loop_state.json").read_text())["history"]
@@ -50,12 +50,12 @@ def train(method: str, seed: int) -> tuple[Path, dict]:
                  "val_auc": manifest["val_metrics"].get("roc_auc")}
 
 
-def evaluate(seed: int, adapters: dict[str, Path]) -> dict:
+def evaluate(seed: int, adapters: dict[str, Path], tag: str = "", overrides: tuple[str, ...] = ()) -> dict:
     import evaluate as job
 
-    out = home() / "experiment" / f"s{seed}" / "eval"
+    out = home() / "experiment" / f"s{seed}{tag}" / "eval"
     job.main(["--config", str(REPO / "configs/eval_demo.yaml"), f"out_dir={out}",
-              *(f"adapters.{k}={v}" for k, v in adapters.items())])
+              *(f"adapters.{k}={v}" for k, v in adapters.items()), *overrides])
     return json.loads((out / "metrics.json").read_text())
 
 

@@ -44,9 +44,17 @@ def parse_args(argv=None) -> C.EvalConfig:
     return C.replace(cfg, image=policy_for(cfg))  # the expand stage prepares images before any Scorer exists
 
 
-def scoring_dataset(cfg: C.EvalConfig, data: C.DataConfig, split: str, perturbations: list[str]):
+def with_groups(table: pa.Table, group_by: list[str]) -> pa.Table:
+    """The metadata plus a string copy of each group_by column (`label` is rewritten to the class
+    by selection; the copy keeps the dataset's own value)."""
+    for col in group_by:
+        table = table.append_column(E.GROUP + col, pa.array([str(v) for v in table.column(col).to_pylist()]))
+    return table
+
+
+def scoring_dataset(cfg: C.EvalConfig, data: C.DataConfig, table: pa.Table, split: str, perturbations: list[str]):
     """Ray Data: the split's planned rows -> decode + perturbations (tasks) -> Scorers (an actor pool)."""
-    rows, files = planned_rows(data, split, None)
+    rows, files = planned_rows(data, split, None, table)
     ds = rows.map_batches(E.expand_block, fn_kwargs=dict(cfg=data, files=files, perturbations=perturbations,
                                                          policy=cfg.image),
                           batch_format="pyarrow", batch_size=None, num_cpus=cfg.decode_cpus)
@@ -55,15 +63,39 @@ def scoring_dataset(cfg: C.EvalConfig, data: C.DataConfig, split: str, perturbat
                           num_gpus=cfg.scorer_gpus or None)
 
 
+class Progress:
+    """A line every `every_s` while images are scored: done / total, rate, ETA (a SID_Set-scale
+    evaluation runs for most of an hour)."""
+
+    def __init__(self, split: str, total: int, every_s: float = 10.0):
+        self.split, self.total, self.every_s = split, total, every_s
+        self.done, self.t0 = 0, time.perf_counter()
+        self.last = self.t0
+
+    def add(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if now - self.last >= self.every_s:
+            self.last = now
+            rate = self.done / (now - self.t0)
+            eta = (self.total - self.done) / rate if rate else float("inf")
+            print(f"[evaluate] {self.split}: {self.done}/{self.total} images, {rate:.1f} images/s, "
+                  f"ETA {eta / 60:.1f} min", flush=True)
+
+
 def score(cfg: C.EvalConfig, split: str, perturbations: list[str]) -> tuple[dict, int]:
     """All scores of one split as numpy columns, plus the number of images that could not be decoded."""
     data = resolve_source(cfg.data)
-    counts = class_counts(data, metadata(data))  # metadata only: no second read of the image bytes
+    table = with_groups(metadata(data, extra=cfg.group_by), cfg.group_by)  # the one metadata read
+    counts = class_counts(data, table)
     rows_in = sum(sum(c) for c in counts.values()) if split == "all" else sum(counts[split])
+    progress = Progress(split, rows_in)
     cols: dict[str, list] = {}
-    for batch in scoring_dataset(cfg, data, split, perturbations).iter_batches(batch_size=256, batch_format="numpy"):
+    for batch in scoring_dataset(cfg, data, table, split, perturbations).iter_batches(batch_size=256,
+                                                                                      batch_format="numpy"):
         for k, v in batch.items():
             cols.setdefault(k, []).extend(list(v))
+        progress.add(int(np.sum(batch["perturbation"] == perturbations[0])))
     scores = {k: np.asarray(v) for k, v in cols.items()}
     n_out = int(np.sum(scores["perturbation"] == perturbations[0])) if scores else 0
     return scores, rows_in - n_out

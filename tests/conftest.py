@@ -25,6 +25,13 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
+def small_zoo():
+    """Every generator family, trained for a few steps: the traces of each architecture, in seconds."""
+    from aigd.config import ZooConfig
+
+    return ZooConfig(steps=30, width=8, ddim_steps=4)
+
+
 SMALL_DEMO = dict(rows_per_class=120, tampered_rows=10, small_rows=12, corrupt_rows=5, shards=2, seed=0)
 
 
@@ -47,7 +54,7 @@ def demo_data(home) -> Path:
     from aigd.config import DemoDataConfig
     from aigd.demo_data import write_demo_data
 
-    return write_demo_data(DemoDataConfig(out_dir=str(home / "demo-data"), **SMALL_DEMO))
+    return write_demo_data(DemoDataConfig(out_dir=str(home / "demo-data"), zoo=small_zoo(), **SMALL_DEMO))
 
 
 def corrupt_by_split(demo_data: Path) -> dict[str, list[str]]:

@@ -111,3 +111,15 @@ def test_the_configuration_reference_is_generated_from_the_dataclasses():
     for key in ("`optim.focal_alpha`", "`request.body_timeout_s`", "`auth.keys_file`", "`limits.max_jpeg_scans`",
                 "`perturbations`", "`rows_per_class`"):
         assert key in text, key
+
+
+def test_the_demo_configs_split_the_photos_as_the_demo_data_does():
+    """The generators train on the demo data's train photos and the samples come from its test photos:
+    a job config with another split would train or test on the wrong ones."""
+    demo = C.load(C.DemoDataConfig, ROOT / "configs/demo_data.yaml")
+    for name, cls in (("demo_method1", C.TrainJobConfig), ("demo_method2", C.TrainJobConfig),
+                      ("eval_demo", C.EvalConfig)):
+        base = _recipe(name.split("_")[1]).PRESET if cls is C.TrainJobConfig else None
+        data = C.load(cls, ROOT / f"configs/{name}.yaml", base=base).data
+        assert (data.test_fraction, data.val_fraction, data.split_salt, data.split_group_sep) == (
+            demo.test_fraction, C.DataConfig().val_fraction, C.DataConfig().split_salt, "/"), name

@@ -51,6 +51,21 @@ def test_filter_and_split_counts_are_exact(cfg, table):
     assert everything.num_rows == 2 * 120 + 5 and set(everything.column("label").to_pylist()) == {0, 1}
 
 
+def test_an_excluded_generator_leaves_every_split_and_nothing_else_does(cfg, table):
+    import dataclasses
+
+    held_out = dataclasses.replace(cfg, exclude={"generator": ["vae"]})
+    meta = metadata(held_out)  # reads the column the filter needs
+    assert "generator" in meta.column_names
+    gens = dict(zip(table.column("img_id").to_pylist(), table.column("generator").to_pylist()))
+    for split in S.SPLITS:
+        kept = S.select_rows(meta, held_out, split).column("img_id").to_pylist()
+        every = S.select_rows(metadata(cfg), cfg, split).column("img_id").to_pylist()
+        assert "vae" not in {gens[i] for i in kept}
+        assert set(kept) == {i for i in every if gens[i] != "vae"}
+    assert S.class_counts(held_out, meta)["train"][0] == S.class_counts(cfg, metadata(cfg))["train"][0]
+
+
 def test_tampered_can_count_as_fake(cfg):
     import dataclasses
 

@@ -6,12 +6,12 @@ from collections import Counter
 import pyarrow.parquet as pq
 from PIL import Image
 
-from conftest import SMALL_DEMO
+from conftest import SMALL_DEMO, small_zoo
 
 
 def test_columns_and_label_mix(demo_data):
     t = pq.ParquetDataset(sorted(str(p) for p in (demo_data / "data").glob("*.parquet"))).read()
-    assert t.column_names == ["img_id", "image", "mask", "width", "height", "label"]
+    assert t.column_names == ["img_id", "image", "mask", "width", "height", "label", "generator"]
     labels = Counter(t.column("label").to_pylist())
     n = SMALL_DEMO["rows_per_class"] + SMALL_DEMO["small_rows"] // 2
     bad = SMALL_DEMO["corrupt_rows"]  # unreadable rows alternate labels, starting with real
@@ -43,7 +43,65 @@ def test_deterministic(tmp_path, demo_data):
     from aigd.config import DemoDataConfig
     from aigd.demo_data import write_demo_data
 
-    again = write_demo_data(DemoDataConfig(out_dir=str(tmp_path / "again"), **SMALL_DEMO))
+    again = write_demo_data(DemoDataConfig(out_dir=str(tmp_path / "again"), zoo=small_zoo(), **SMALL_DEMO))
     a = pq.read_table(sorted((demo_data / "data").glob("*.parquet"))[0])
     b = pq.read_table(sorted((again / "data").glob("*.parquet"))[0])
     assert a.equals(b)
+
+
+def test_every_family_makes_an_equal_share_of_the_fakes(demo_data):
+    t = pq.ParquetDataset(sorted(str(p) for p in (demo_data / "data").glob("*.parquet"))).read().to_pylist()
+    fakes = Counter(r["generator"] for r in t if r["label"] == 1 and r["img_id"] not in _unreadable(t))
+    assert set(fakes) == set(small_zoo().families)
+    assert max(fakes.values()) - min(fakes.values()) <= 1
+    assert {r["generator"] for r in t if r["label"] == 0} == {"real"}
+    assert {r["generator"] for r in t if r["label"] == 2} == {"resample"}  # the pasted patch's family
+
+
+def _unreadable(rows) -> set:
+    out = set()
+    for r in rows:
+        try:
+            Image.open(io.BytesIO(r["image"]["bytes"])).load()
+        except Exception:
+            out.add(r["img_id"])
+    return out
+
+
+def test_generators_never_see_a_val_or_test_photo(tmp_path, monkeypatch):
+    from aigd import zoo
+    from aigd.config import DataConfig, DemoDataConfig
+    from aigd.demo_data import source_photos, write_demo_data
+    from aigd.sampling import assign_split, unit_hash
+
+    seen = {}
+    real = zoo.load_or_train
+
+    def spy(family, patches_fn, cfg, seed, photos):
+        seen[family] = list(photos)
+        return real(family, patches_fn, cfg, seed, photos)
+
+    monkeypatch.setattr(zoo, "load_or_train", spy)
+    write_demo_data(DemoDataConfig(out_dir=str(tmp_path / "d"), rows_per_class=20, tampered_rows=0, small_rows=0,
+                                   shards=1, zoo=small_zoo()), log=lambda _: None)
+    names = sorted(source_photos())
+    split = DataConfig(test_fraction=DemoDataConfig().test_fraction)
+    which = assign_split(unit_hash(names, split.split_salt), split.val_fraction, split.test_fraction)
+    train = {n for n, s in zip(names, which) if s == 0}
+    assert 0 < len(train) < len(names) and (which == 2).sum() >= 3  # a test split of several photos
+    assert set(seen) == set(zoo.TRAINED)
+    for family, photos in seen.items():
+        assert photos and set(photos) == train, family
+
+
+def test_a_second_run_reuses_the_data_and_the_trained_weights(tmp_path, demo_data):
+    from aigd.config import DemoDataConfig
+    from aigd.demo_data import write_demo_data
+
+    cfg = DemoDataConfig(out_dir=str(demo_data), zoo=small_zoo(), **SMALL_DEMO)
+    said = []
+    write_demo_data(cfg, log=said.append)
+    assert said == [f"demo data for this config already in {demo_data}: reused"]
+    said.clear()
+    write_demo_data(DemoDataConfig(out_dir=str(tmp_path / "other"), zoo=small_zoo(), **SMALL_DEMO), log=said.append)
+    assert sum("(weights from the cache)" in line for line in said) == 4 and not any("(trained)" in x for x in said)

@@ -92,6 +92,50 @@ def test_report_folder_holds_the_pngs_and_the_html_references_them(tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["metrics"]["clean"]["m"]["n"] == 200
 
 
+def _grouped_scores(n_per=60, seed=0):
+    """Reals and three generators' fakes: gan separated, vae at chance, tiny too small for an AUC."""
+    rng = np.random.default_rng(seed)
+    groups = ["real"] * (2 * n_per) + ["gan"] * n_per + ["vae"] * n_per + ["tiny"] * 4
+    y = np.asarray([0 if g == "real" else 1 for g in groups])
+    shift = {"real": 0.0, "gan": 4.0, "vae": 0.0, "tiny": 4.0}
+    z = np.asarray([shift[g] for g in groups]) + rng.normal(0, 1, len(groups))
+    n = len(y)
+    scores = {"label": np.concatenate([y, y]), "z_real_m": np.zeros(2 * n), "z_fake_m": np.concatenate([z, z - 3]),
+              "temperature_m": np.ones(2 * n), "perturbation": np.asarray(["clean"] * n + ["jpeg_q50"] * n),
+              E.GROUP + "generator": np.asarray(groups * 2)}
+    cfg = C.from_dict(C.EvalConfig, {"adapters": {"m": "a"}, "perturbations": ["clean", "jpeg_q50"],
+                                     "bootstrap": 0, "group_by": ["generator"], "min_group_images": 10})
+    return scores, cfg
+
+
+def test_metrics_per_generator_use_every_real_and_hide_an_auc_too_small_to_mean_anything():
+    from aigd.metrics import roc_auc
+
+    scores, cfg = _grouped_scores()
+    groups = E.summarize(scores, cfg)["groups"]["generator"]
+    assert set(groups) == {"real", "gan", "vae", "tiny"}
+    clean = scores["perturbation"] == "clean"
+    y, z, g = scores["label"][clean], scores["z_fake_m"][clean], scores[E.GROUP + "generator"][clean]
+    for name in ("gan", "vae"):
+        assert (groups[name]["n_real"], groups[name]["n_fake"], groups[name]["reals"]) == (120, 60, "pooled")
+        sel = (g == "real") | (g == name)
+        assert groups[name]["metrics"]["clean"]["m"]["roc_auc"] == pytest.approx(roc_auc(y[sel], z[sel]))
+    assert groups["gan"]["metrics"]["clean"]["m"]["roc_auc"] > 0.95 > 0.7 > groups["vae"]["metrics"]["clean"]["m"]["roc_auc"]
+    assert groups["gan"]["metrics"]["jpeg_q50"]["m"]["recall_fake"] < groups["gan"]["metrics"]["clean"]["m"]["recall_fake"]
+    assert groups["tiny"]["n_fake"] == 4 and groups["tiny"]["metrics"]["clean"]["m"]["roc_auc"] is None
+    assert groups["real"]["reals"] == "none" and groups["real"]["metrics"]["clean"]["m"]["roc_auc"] is None
+    assert groups["real"]["n_real"] == 120 and groups["real"]["metrics"]["clean"]["m"]["n"] == 120
+
+
+def test_a_group_with_its_own_reals_is_scored_against_them():
+    groups = np.asarray(["a"] * 20 + ["b"] * 20)
+    y = np.asarray(([0] * 10 + [1] * 10) * 2)
+    sel, reals = E.group_negatives(groups, y, "a", min_images=10)
+    assert reals == "own" and sel.tolist() == [True] * 20 + [False] * 20
+    sel, reals = E.group_negatives(groups, y, "a", min_images=11)
+    assert reals == "pooled" and sel.sum() == 30
+
+
 def _eval_config(tiny_model, adapters, demo_data, out, **extra) -> list[str]:
     cfg = {
         "model": {"name_or_path": str(tiny_model), "load_in_4bit": False, "backend": "hf"},
@@ -142,7 +186,7 @@ def test_evaluate_job_scores_the_test_split_and_writes_the_report(tmp_path, tiny
     shutil.copytree(adapters["method2"], work / "method2")
     argv = _eval_config(tiny_model, {"method1": work / "method1", "method2": work / "method2"}, demo_data, tmp_path,
                         perturbations=["clean", "jpeg_q50", "equalized"], bootstrap=20, calibrate=True,
-                        scorer_cpus=0.5, batch_size=32)
+                        scorer_cpus=0.5, batch_size=32, group_by=["generator"])
     report = job.main(argv)
     metrics = json.loads((report.parent / "metrics.json").read_text())
     clean = metrics["metrics"]["clean"]
@@ -155,7 +199,12 @@ def test_evaluate_job_scores_the_test_split_and_writes_the_report(tmp_path, tiny
     import pyarrow.parquet as pq
 
     rows = pq.read_table(report.parent / "predictions.parquet").to_pylist()
-    assert len(rows) == 3 * metrics["n_images"] and {"p_fake_ensemble", "label_method1"} <= set(rows[0])
+    assert len(rows) == 3 * metrics["n_images"] and {"p_fake_ensemble", "label_method1", "generator"} <= set(rows[0])
+    groups = metrics["groups"]["generator"]
+    assert sum(g["n_fake"] for g in groups.values()) == clean["method1"]["confusion"]["tp"] + clean["method1"]["confusion"]["fn"]
+    assert groups["real"]["reals"] == "none" and {g["reals"] for k, g in groups.items() if k != "real"} == {"pooled"}
+    doc = report.read_text()
+    assert all(f"<td>{family}</td>" in doc for family in groups)  # the per-generator table
 
 
 def _test_counts(demo_data):

@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -49,12 +50,55 @@ def test_ece_and_brier():
     assert abs(M.brier(y, p) - (0.01 + 0.81 + 0.81 + 0.01) / 4) < 1e-9
 
 
-def test_bootstrap_interval_covers_point_estimate():
+def test_auc_and_ap_are_sklearns_order_free_under_ties_and_nan_on_one_class():
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    y = np.array([1, 0, 1, 0, 1, 1, 0, 0])
+    p = np.array([0.9, 0.9, 0.7, 0.7, 0.7, 0.4, 0.4, 0.1])  # ties within and across classes
+    assert M.average_precision(y, p) == pytest.approx(average_precision_score(y, p))
+    assert M.roc_auc(y, p) == pytest.approx(roc_auc_score(y, p))
     rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, 300)
-    p = np.clip(y * 0.3 + rng.random(300) * 0.7, 0, 1)
-    lo, hi = M.bootstrap_ci(y, p, "roc_auc", n_boot=100)
-    assert lo <= M.roc_auc(y, p) <= hi and hi - lo < 0.2
+    for _ in range(5):
+        i = rng.permutation(len(y))
+        assert M.average_precision(y[i], p[i]) == pytest.approx(M.average_precision(y, p))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isnan(M.roc_auc([1, 1], [0.2, 0.8])) and math.isnan(M.average_precision([0, 0], [0.2, 0.8]))
+        assert math.isnan(M.average_precision([1, 1], [0.2, 0.8]))
+
+
+def _separable_sample(n=300):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, n)
+    return y, np.clip(y * 0.3 + rng.random(n) * 0.7, 0, 1)
+
+
+def test_bootstrap_intervals_cover_the_point_estimates_and_repeat_for_a_seed():
+    y, p = _separable_sample()
+    keys = ("accuracy", "f1", "roc_auc", "recall_fake", "recall_real", "average_precision")
+    cis = M.bootstrap_cis(y, p, 0.5, keys, n_boot=100)
+    point = M.binary_metrics(y, p, 0.5)
+    for k in keys:
+        lo, hi = cis[k]
+        assert lo <= point[k] <= hi and hi - lo < 0.2 and round(lo, 4) == lo, k
+    assert M.bootstrap_cis(y, p, 0.5, keys, n_boot=100) == cis
+    assert M.bootstrap_cis(y, p, 0.5, keys, n_boot=100, seed=1) != cis
+    with pytest.raises(ValueError, match="brier"):
+        M.bootstrap_cis(y, p, keys=("brier",))
+
+
+def test_bootstrap_draws_one_index_per_resample_for_every_key():
+    y, p = _separable_sample(120)
+    keys = ("accuracy", "f1", "roc_auc", "recall_real")
+    rng = np.random.default_rng(7)
+    draws = {k: [] for k in keys}
+    for _ in range(50):
+        i = rng.integers(0, len(y), len(y))
+        m = M.binary_metrics(y[i], p[i], 0.4)
+        for k in keys:
+            draws[k].append(m[k])
+    want = {k: [round(float(q), 4) for q in np.quantile(v, [0.05, 0.95])] for k, v in draws.items()}
+    assert M.bootstrap_cis(y, p, 0.4, keys, n_boot=50, level=0.9, seed=7) == want
 
 
 def test_temperature_fit_lowers_ece_of_overconfident_scores():

@@ -23,17 +23,20 @@ from conftest import corrupt_by_split
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_lora_weights_change_and_base_weights_stay_bit_identical(tiny_model):
+@pytest.mark.parametrize("patch_embed", [False, True], ids=["seed-targets", "with-patch-embed"])
+def test_lora_weights_change_and_base_weights_stay_bit_identical(tiny_model, patch_embed):
     import numpy as np
 
     model, proc, base = load_for_training(ModelConfig(name_or_path=str(tiny_model), load_in_4bit=False,
-                                                      gradient_checkpointing=False), LoraConfig(), torch.device("cpu"))
+                                                      gradient_checkpointing=False), LoraConfig(patch_embed=patch_embed),
+                                          torch.device("cpu"))
     assert base["backend"] == "hf" and base["quantization"] is None and base["layout"]
     base0 = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     lora0 = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert lora0 and all("lora_" in n for n in lora0)
     assert any(".visual." in n for n in lora0) and any("language_model" in n for n in lora0)
     assert not any("merger" in n or "lm_head" in n for n in lora0)
+    assert any("patch_embed" in n for n in lora0) == patch_embed
     rng = np.random.default_rng(0)
     imgs = [rng.integers(0, 255, (112, 112, 3), dtype=np.uint8) for _ in range(4)]
     rows = encode(proc, imgs, ImagePolicy(max_pixels=112 * 112))

@@ -49,6 +49,10 @@ class LoraConfig:
     language: bool = True
     attention: bool = True
     mlp: bool = True
+    # Also the vision patch embedding, the only layer that sees pixels. The demo's random-weight tiny
+    # base needs it to learn generator traces (its frozen patch embedding is a random projection);
+    # off by default: the seed's targets, and a pretrained 7B's patch embedding already sees them.
+    patch_embed: bool = False
     seed: int = 3407
 
 
@@ -76,6 +80,9 @@ class DataConfig:
     split_salt: str = "aigd-split-v1"
     # Hash only the part of img_id before this separator, so related rows share a split.
     split_group_sep: Optional[str] = None
+    # Rows whose metadata column holds a listed value are dropped from every split, e.g.
+    # {generator: [vae]}: a leave-one-generator-out training run (evaluation keeps them).
+    exclude: dict[str, list[str]] = field(default_factory=dict)
     balance: bool = True
     seed: int = 3407
     max_image_pixels: int = 40_000_000
@@ -293,6 +300,11 @@ class EvalConfig(ScoringConfig):
     perturbations: list[str] = field(default_factory=lambda: [
         "clean", "jpeg_q95", "jpeg_q85", "jpeg_q75", "jpeg_q65", "jpeg_q50", "jpeg_q30",
         "downscale_0.5", "downscale_0.25", "center_crop_0.5", "equalized"])
+    # Every metric is also reported per value of these metadata columns: [generator] (the demo data,
+    # image folders laid out by generator), or SID_Set's own [label] (real / synthetic / tampered).
+    group_by: list[str] = field(default_factory=list)
+    # A group's AUC needs this many images of each class; below it the group shows counts, no AUC.
+    min_group_images: int = 10
     bootstrap: int = 200
     calibrate: bool = False  # refit temperature + threshold on the val split, write them into manifests
     target_fpr: float = 0.05
@@ -304,6 +316,34 @@ class EvalConfig(ScoringConfig):
     out_dir: str = "${AIGD_HOME:-~/.cache/aigd}/eval"
 
 
+ZOO_FAMILIES = ("gan_tconv", "ae_resize", "vae", "ddpm", "resample")
+
+
+@dataclass(frozen=True)
+class ZooConfig:
+    """The generator families the demo's fakes come from (aigd.zoo), trained on train-split photos."""
+
+    # gan_tconv: GAN upsampling with transposed convs; ae_resize: autoencoder, nearest resize + conv;
+    # vae: variational autoencoder, sub-pixel conv decoder; ddpm: denoising diffusion (DDIM sampling);
+    # resample: 2x box down + nearest / transposed-conv up, no training.
+    families: tuple[str, ...] = ZOO_FAMILIES
+    steps: int = 400  # optimizer steps per trained family
+    batch_size: int = 16
+    patch: int = 32  # side of the training crops; the networks are fully convolutional
+    width: int = 32  # base channel count of every network
+    lr: float = 2.0e-3
+    # ddpm: share of the noise schedule a real crop is noised to before DDIM denoises it back.
+    ddpm_strength: float = 0.15
+    ddim_steps: int = 5
+    # Trained weights are kept here, keyed by everything that shapes them (family, config, seed, photos).
+    cache_dir: str = "${AIGD_HOME:-~/.cache/aigd}/zoo"
+
+    def __post_init__(self):
+        unknown = set(self.families) - set(ZOO_FAMILIES)
+        if unknown or not self.families:
+            raise ConfigError(f"zoo.families: {sorted(unknown) or 'empty'}; known: {list(ZOO_FAMILIES)}")
+
+
 @dataclass(frozen=True)
 class DemoDataConfig:
     out_dir: str = "${AIGD_HOME:-~/.cache/aigd}/demo-data"
@@ -313,6 +353,11 @@ class DemoDataConfig:
     corrupt_rows: int = 0
     shards: int = 4
     seed: int = 0
+    # The demo configs' data.test_fraction (split by photo, DataConfig's salt): it decides which photos
+    # the generators may train on and where the held-out samples come from. 0.25 puts 4 of the 19
+    # photos in test (0.15 left one).
+    test_fraction: float = 0.25
+    zoo: ZooConfig = field(default_factory=ZooConfig)
 
 
 # --------------------------------------------------------------------------- loading

@@ -186,9 +186,10 @@ def configure_execution(cfg: DataConfig) -> None:
         opts.resource_limits = opts.resource_limits.copy(object_store_memory=cfg.object_store_budget_mb * 2**20)
 
 
-def planned_rows(cfg: DataConfig, split: str, sample: Subsample | None):
+def planned_rows(cfg: DataConfig, split: str, sample: Subsample | None, table=None):
     """(Ray Dataset of the split's metadata rows, shard paths): selection happens here, on metadata
     only; each block is <= ROWS_PER_TASK rows of one shard, whose bytes the decoding stage reads.
+    `table`: the source's metadata when the caller has read it already.
 
     One metadata pass on the driver instead of Ray Data's parquet reader: its file-listing task and
     a repartition task each held a whole CPU for the run, so on a small node preprocessing got one
@@ -196,7 +197,7 @@ def planned_rows(cfg: DataConfig, split: str, sample: Subsample | None):
     """
     import ray.data
 
-    kept = select_rows(metadata(cfg), cfg, split, sample)
+    kept = select_rows(metadata(cfg) if table is None else table, cfg, split, sample)
     return ray.data.from_arrow(row_blocks(kept, ROWS_PER_TASK) or [kept]), shards(cfg)
 
 

@@ -15,13 +15,17 @@ from __future__ import annotations
 import io
 import json
 import struct
+import time
 import zlib
+from functools import lru_cache, partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
 
-from aigd.config import DemoDataConfig
+from aigd.config import DemoDataConfig, ZooConfig, to_dict
+from aigd.zoo import MARGIN, TRAINED, resample
 
 SKIMAGE_PHOTOS = ("astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins", "grass",
                   "gravel", "hubble_deep_field", "immunohistochemistry", "moon", "page", "retina",
@@ -59,27 +63,6 @@ def random_crop(photo: np.ndarray, size: tuple[int, int], rng: np.random.Generat
     return crop.resize((w, h), Image.Resampling.LANCZOS)
 
 
-def generator_fingerprint(img: Image.Image, kind: str) -> Image.Image:
-    """Proxy of a generator's upsampling trace: 2x box down, then 2x nearest or transposed-conv up."""
-    a = np.asarray(img, dtype=np.float32)
-    h, w = a.shape[:2]
-    small = a.reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3))
-    if kind == "nearest":
-        up = small.repeat(2, axis=0).repeat(2, axis=1)
-    else:  # stride-2 transposed conv with the separable kernel [k, 1, k]
-        k = 0.54
-        up = np.zeros((h, w, 3), np.float32)
-        up[::2, ::2] = small
-        rows = up.copy()
-        rows[1:-1:2] = k * (up[:-2:2] + up[2::2])
-        rows[-1] = k * up[-2]
-        out = rows.copy()
-        out[:, 1:-1:2] = k * (rows[:, :-2:2] + rows[:, 2::2])
-        out[:, -1] = k * rows[:, -2]
-        up = out / np.maximum(out.mean(), 1e-6) * a.mean()
-    return Image.fromarray(np.clip(up + 0.5, 0, 255).astype(np.uint8))
-
-
 def encode(img: Image.Image, jpeg_quality: int | None) -> bytes:
     buf = io.BytesIO()
     if jpeg_quality is None:
@@ -99,7 +82,7 @@ def tampered(img: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, b
     w, h = img.size
     pw, ph = (w // 4) * 2, (h // 4) * 2
     x, y = int(rng.integers(0, w - pw + 1)) // 2 * 2, int(rng.integers(0, h - ph + 1)) // 2 * 2
-    patch = generator_fingerprint(img.crop((x, y, x + pw, y + ph)), "nearest")
+    patch = Image.fromarray(resample(np.asarray(img.crop((x, y, x + pw, y + ph))), "nearest"))
     out = img.copy()
     out.paste(patch, (x, y))
     mask = np.zeros((h, w), np.uint8)
@@ -146,52 +129,144 @@ def bad_bytes(kind: str, img: Image.Image, data: bytes, rng: np.random.Generator
     return jpeg_scan_bomb(img, repeats=200)
 
 
-def make_rows(cfg: DemoDataConfig) -> list[dict]:
-    rng = np.random.default_rng(cfg.seed)
-    photos = source_photos()
+class Row(NamedTuple):
+    """A row before its image exists: what the generators and the encoder need."""
+
+    name: str
+    label: int
+    size: tuple[int, int]
+    fmt: int | None
+    family: str  # "real" for real rows; the pasted patch's family for tampered rows
+    canvas: np.ndarray  # the crop a generator starts from (the image itself for real rows)
+    bad: str | None = None
+
+
+def demo_split(cfg: DemoDataConfig):
+    """The split the demo configs train and evaluate with."""
+    from aigd.config import DataConfig
+
+    return DataConfig(test_fraction=cfg.test_fraction, split_group_sep="/")
+
+
+def split_of(ids: list[str], cfg: DemoDataConfig) -> np.ndarray:
+    """0 train, 1 val, 2 test per img_id (or photo name) under the demo split."""
+    from aigd.sampling import assign_split, split_key, unit_hash
+
+    split = demo_split(cfg)
+    return assign_split(unit_hash(split_key(ids, "/"), split.split_salt), split.val_fraction, split.test_fraction)
+
+
+def train_photos(names: list[str], cfg: DemoDataConfig) -> list[str]:
+    """Photos in the demo's TRAIN split: the only ones the generators ever see in training."""
+    return [n for n, s in zip(names, split_of(names, cfg)) if s == 0]
+
+
+def plan_rows(cfg: DemoDataConfig, photos: dict[str, np.ndarray], rng: np.random.Generator) -> list[Row]:
+    """Every row's photo, label, size, format and family; each fake's canvas is cropped MARGIN px
+    larger on each side than its row (trained families) so generation never needs a resize."""
     names = sorted(photos)
-    rows: list[dict] = []
+    families = list(cfg.zoo.families)
+    rows: list[Row] = []
+    fakes = 0
 
     def add(label: int, size, fmt: int | None, bad: str | None = None):
+        nonlocal fakes
         name = names[len(rows) % len(names)]
-        img = random_crop(photos[name], size, rng)
-        mask = None
-        if label == 1:
-            img = generator_fingerprint(img, "nearest" if rng.random() < 0.5 else "tconv")
-        elif label == 2:
-            img, mask = tampered(img, rng)
-        data = encode(img, fmt)
-        if bad is not None:
-            data = bad_bytes(bad, img, data, rng)
-        rows.append({
-            "img_id": f"{name}/{len(rows):06d}",
-            "image": {"bytes": data, "path": None},
-            "mask": None if mask is None else {"bytes": mask, "path": None},
-            "width": img.width, "height": img.height, "label": label,
-        })
+        family = "real" if label == 0 else "resample"
+        if label == 1 and bad is None:
+            family = families[fake_order[fakes % len(fake_order)]]
+            fakes += 1
+        margin = MARGIN if family in TRAINED else 0
+        canvas = np.asarray(random_crop(photos[name], (size[0] + 2 * margin, size[1] + 2 * margin), rng))
+        rows.append(Row(name, label, size, fmt, family, canvas, bad))
 
+    n_fakes = cfg.rows_per_class + cfg.small_rows // 2
+    fake_order = rng.permutation(n_fakes) % len(families)  # equal counts per family, in random order
     # Size and format are drawn once per real/fake PAIR, so the classes match exactly on both.
-    for i in range(cfg.rows_per_class):
+    for _ in range(cfg.rows_per_class):
         size, fmt = SIZES[int(rng.integers(len(SIZES)))], draw_format(rng)
         for label in (0, 1):
             add(label, size, fmt)
     for _ in range(cfg.tampered_rows):
         add(2, SIZES[int(rng.integers(len(SIZES)))], draw_format(rng))
-    for i in range(cfg.small_rows // 2):
+    for _ in range(cfg.small_rows // 2):
         size, fmt = SMALL_SIZES[int(rng.integers(len(SMALL_SIZES)))], draw_format(rng)
         add(0, size, fmt)
         add(1, size, fmt)
     for i in range(cfg.corrupt_rows):
         add(i % 2, SIZES[0], 95, bad=BAD_KINDS[i % len(BAD_KINDS)])
+    return rows
+
+
+def training_patches(photos: dict[str, np.ndarray], names: list[str], cfg: ZooConfig, seed: int, n: int = 1024):
+    """(n, 3, patch, patch) crops of the given photos in [-1, 1], made like the real rows."""
+    import torch
+
+    rng = np.random.default_rng([seed, 1])
+    crops = [np.asarray(random_crop(photos[names[i % len(names)]], (cfg.patch, cfg.patch), rng)) for i in range(n)]
+    return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def make_images(cfg: DemoDataConfig, rows: list[Row], photos: dict[str, np.ndarray], log) -> tuple[list, dict]:
+    """Each row's image (PIL) and, per family, its count and seconds spent (training + generation),
+    logged as each family is done."""
+    from aigd import zoo
+
+    images: list = [None] * len(rows)
+    stats: dict[str, dict] = {}
+    names = train_photos(sorted(photos), cfg)
+    patches = lru_cache(maxsize=1)(lambda: training_patches(photos, names, cfg.zoo, cfg.seed))
+    for family in ["real", *cfg.zoo.families]:
+        t0 = time.perf_counter()
+        idx = [i for i, r in enumerate(rows) if r.family == family and r.label != 2]
+        info: dict = {"rows": len(idx)}
+        if family in zoo.TRAINED:
+            model, info["cached"] = zoo.load_or_train(
+                family, patches, cfg.zoo, cfg.seed, names)
+            for j, size in enumerate(sorted({rows[i].size for i in idx})):
+                same = [i for i in idx if rows[i].size == size]
+                out = zoo.generate(family, model, np.stack([rows[i].canvas for i in same]), cfg.zoo,
+                                   seed=cfg.seed * 1000 + j)
+                for i, a in zip(same, out):
+                    images[i] = Image.fromarray(a[MARGIN:MARGIN + size[1], MARGIN:MARGIN + size[0]])
+        else:
+            for k, i in enumerate(idx):
+                a = rows[i].canvas
+                images[i] = Image.fromarray(a if family == "real" else resample(a, ("nearest", "tconv")[k % 2]))
+        info["seconds"] = round(time.perf_counter() - t0, 1)
+        stats[family] = info
+        log(f"  {family:10s} {info['rows']:5d} rows  {info['seconds']:6.1f} s" + (
+            "" if "cached" not in info else "  (weights from the cache)" if info["cached"] else "  (trained)"))
+    return images, stats
+
+
+def make_rows(cfg: DemoDataConfig, log=lambda _: None) -> tuple[list[dict], dict]:
+    """(SID_Set rows plus `generator`, per-family stats), in a random order."""
+    rng = np.random.default_rng(cfg.seed)
+    photos = source_photos()
+    plan = plan_rows(cfg, photos, rng)
+    images, stats = make_images(cfg, plan, photos, log)
+    rows: list[dict] = []
+    for i, r in enumerate(plan):
+        img, mask = images[i], None
+        if r.label == 2:
+            img, mask = tampered(Image.fromarray(r.canvas), rng)
+        data = encode(img, r.fmt)
+        if r.bad is not None:
+            data = bad_bytes(r.bad, img, data, rng)
+        rows.append({
+            "img_id": f"{r.name}/{i:06d}",
+            "image": {"bytes": data, "path": None},
+            "mask": None if mask is None else {"bytes": mask, "path": None},
+            "width": img.width, "height": img.height, "label": r.label, "generator": r.family,
+        })
     order = rng.permutation(len(rows))
-    return [rows[i] for i in order]
+    return [rows[i] for i in order], stats
 
 
-def write_samples(rows: list[dict], folder: Path, per_class: int = 6) -> None:
-    """Held-out files for trying the API: rows of the demo configs' TEST split (split by photo, with
-    DataConfig's default salt and fractions), named for their truth."""
-    from aigd.config import DataConfig
-    from aigd.sampling import assign_split, split_key, unit_hash
+def write_samples(rows: list[dict], folder: Path, cfg: DemoDataConfig, per_class: int = 6) -> None:
+    """Held-out files for trying the API: rows of the demo's TEST split, named for their truth (and
+    a fake's family)."""
     from aigd.images import decode
 
     def readable(data: bytes) -> bool:
@@ -204,38 +279,55 @@ def write_samples(rows: list[dict], folder: Path, per_class: int = 6) -> None:
     folder.mkdir(exist_ok=True)
     for old in folder.glob("*"):
         old.unlink()
-    split = DataConfig()
-    test = assign_split(unit_hash(split_key([r["img_id"] for r in rows], "/"), split.split_salt),
-                        split.val_fraction, split.test_fraction) == 2
+    test = split_of([r["img_id"] for r in rows], cfg) == 2
     for label, name in ((0, "real"), (1, "fake")):
         picked = [r for r, t in zip(rows, test) if t and r["label"] == label and r["width"] >= 112
-                  and readable(r["image"]["bytes"])][::7][:per_class]
+                  and readable(r["image"]["bytes"])][::7]
+        by_family: dict[str, list] = {}
         for r in picked:
+            by_family.setdefault(r["generator"], []).append(r)
+        # one of each family in turn, so the samples show every generator
+        spread = [r for group in zip(*by_family.values()) for r in group] or picked
+        for r in spread[:per_class]:
             ext = "jpg" if r["image"]["bytes"][:3] == b"\xff\xd8\xff" else "png"
-            (folder / f"{name}-{r['img_id'].replace('/', '-')}.{ext}").write_bytes(r["image"]["bytes"])
+            family = "" if label == 0 else f"{r['generator']}-"
+            (folder / f"{name}-{family}{r['img_id'].replace('/', '-')}.{ext}").write_bytes(r["image"]["bytes"])
 
 
-def write_demo_data(cfg: DemoDataConfig) -> Path:
-    """Write `cfg.shards` parquet shards named like the hub's (data/train-0000i-of-0000n.parquet)."""
+def _schema():
+    import pyarrow as pa
+
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    return pa.schema([("img_id", pa.string()), ("image", image_type), ("mask", image_type),
+                      ("width", pa.int32()), ("height", pa.int32()), ("label", pa.int64()),
+                      ("generator", pa.string())])
+
+
+def write_demo_data(cfg: DemoDataConfig, log=partial(print, flush=True)) -> Path:
+    """Write `cfg.shards` parquet shards named like the hub's (data/train-0000i-of-0000n.parquet),
+    SID_Set's columns plus `generator`; a folder already written with this config is kept as it is."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     out = Path(cfg.out_dir)
     data_dir = out / "data"
+    summary_file = out / "DEMO_DATA.json"
+    files = [data_dir / f"train-{s:05d}-of-{cfg.shards:05d}.parquet" for s in range(cfg.shards)]
+    config = json.loads(json.dumps(to_dict(cfg)))  # as it reads back from the JSON
+    if summary_file.exists() and all(f.exists() for f in files):
+        if json.loads(summary_file.read_text()).get("config") == config:
+            log(f"demo data for this config already in {out}: reused")
+            return out
     data_dir.mkdir(parents=True, exist_ok=True)
     for old in data_dir.glob("*.parquet"):
         old.unlink()
-    rows = make_rows(cfg)
-    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    schema = pa.schema([("img_id", pa.string()), ("image", image_type), ("mask", image_type),
-                        ("width", pa.int32()), ("height", pa.int32()), ("label", pa.int64())])
-    for s in range(cfg.shards):
-        part = rows[s::cfg.shards]
-        table = pa.Table.from_pylist(part, schema=schema)
-        pq.write_table(table, data_dir / f"train-{s:05d}-of-{cfg.shards:05d}.parquet", row_group_size=256)
-    write_samples(rows, out / "samples")
+    summary_file.unlink(missing_ok=True)
+    log(f"demo data -> {out}: real rows and each generator family's fakes (count, seconds)")
+    rows, families = make_rows(cfg, log)
+    for s, f in enumerate(files):
+        pq.write_table(pa.Table.from_pylist(rows[s::cfg.shards], schema=_schema()), f, row_group_size=256)
+    write_samples(rows, out / "samples", cfg)
     counts = {str(k): int(v) for k, v in zip(*np.unique([r["label"] for r in rows], return_counts=True))}
-    (out / "DEMO_DATA.json").write_text(json.dumps({"rows": len(rows), "label_counts": counts,
-                                                     "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}},
-                                                    indent=2))
+    summary_file.write_text(json.dumps({"rows": len(rows), "label_counts": counts, "families": families,
+                                        "config": config}, indent=2))
     return out

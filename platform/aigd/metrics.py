@@ -1,46 +1,37 @@
-"""Binary detection metrics (fake = positive class), calibration, and bootstrap intervals. numpy only."""
+"""Binary detection metrics (fake = positive class), calibration, and bootstrap intervals.
+
+Ranking metrics and the confusion matrix come from scikit-learn; calibration, the thresholds and
+the uncertain band are ours (no library fits them the way the manifest needs)."""
 
 from __future__ import annotations
 
 import numpy as np
+from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score
 
 from aigd.decision import UNCERTAIN, Rule, p_fake
 
 
 def confusion(y: np.ndarray, pred: np.ndarray) -> dict:
-    y, pred = np.asarray(y).astype(int), np.asarray(pred).astype(int)
-    return {"tn": int(((y == 0) & (pred == 0)).sum()), "fp": int(((y == 0) & (pred == 1)).sum()),
-            "fn": int(((y == 1) & (pred == 0)).sum()), "tp": int(((y == 1) & (pred == 1)).sum())}
+    tn, fp, fn, tp = confusion_matrix(np.asarray(y).astype(int), np.asarray(pred).astype(int), labels=[0, 1]).ravel()
+    return {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)}
+
+
+def _two_classes(y: np.ndarray) -> bool:
+    # sklearn raises (AUC) or warns and answers 0 (AP) on one class: both are undefined there
+    return len(np.unique(y)) == 2
 
 
 def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
-    """Mann-Whitney U with average ranks for ties; nan when one class is absent."""
-    y, p = np.asarray(y).astype(int), np.asarray(p, dtype=np.float64)
-    n1, n0 = int(y.sum()), int((1 - y).sum())
-    if n1 == 0 or n0 == 0:
-        return float("nan")
-    order = np.argsort(p, kind="mergesort")
-    ranks = np.empty(len(p))
-    sorted_p = p[order]
-    i = 0
-    while i < len(p):
-        j = i
-        while j + 1 < len(p) and sorted_p[j + 1] == sorted_p[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return float((ranks[y == 1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+    """nan when one class is absent."""
+    y = np.asarray(y).astype(int)
+    return float(roc_auc_score(y, np.asarray(p, dtype=np.float64))) if _two_classes(y) else float("nan")
 
 
 def average_precision(y: np.ndarray, p: np.ndarray) -> float:
-    y, p = np.asarray(y).astype(int), np.asarray(p, dtype=np.float64)
-    if y.sum() == 0:
-        return float("nan")
-    order = np.argsort(-p, kind="mergesort")
-    y = y[order]
-    tp = np.cumsum(y)
-    precision = tp / np.arange(1, len(y) + 1)
-    return float((precision * y).sum() / y.sum())
+    """Step-wise AP (tied scores form one threshold, so input order does not matter); nan when one
+    class is absent."""
+    y = np.asarray(y).astype(int)
+    return float(average_precision_score(y, np.asarray(p, dtype=np.float64))) if _two_classes(y) else float("nan")
 
 
 def ece(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
@@ -101,18 +92,50 @@ def uncertain_band(y, p, threshold: float, precision: float) -> tuple[float, flo
     return min(lo, threshold), max(hi, threshold)
 
 
-def bootstrap_ci(y, p, metric: str, n_boot: int = 200, level: float = 0.95, seed: int = 0,
-                 threshold: float = 0.5) -> tuple[float, float]:
-    y, p = np.asarray(y), np.asarray(p)
+def _rate(hits: np.ndarray) -> float:
+    return float(hits.mean()) if len(hits) else float("nan")
+
+
+def _f1(y: np.ndarray, p: np.ndarray, t: float) -> float:
+    called = p >= t
+    denom = called.sum() + y.sum()  # 2tp + fp + fn
+    return float(2 * (called & (y == 1)).sum() / denom) if denom else 0.0
+
+
+# what a resample needs of each key, nothing more; nan where the draw leaves it undefined
+_RESAMPLED = {
+    "accuracy": lambda y, p, t: float(np.mean((p >= t) == y)),
+    "f1": _f1,
+    "recall_fake": lambda y, p, t: _rate(p[y == 1] >= t),
+    "recall_real": lambda y, p, t: _rate(p[y == 0] < t),
+    "roc_auc": lambda y, p, t: roc_auc(y, p),
+    "average_precision": lambda y, p, t: average_precision(y, p),
+}
+
+
+def bootstrap_cis(y, p, threshold: float = 0.5, keys=("accuracy", "f1", "roc_auc"), n_boot: int = 200,
+                  level: float = 0.95, seed: int = 0) -> dict[str, list[float]]:
+    """Percentile intervals {key: [lo, hi]}. Each resample draws one index that every key is computed
+    on; a draw that leaves a key undefined (one class: AUC, AP, a recall) is skipped for that key."""
+    unknown = set(keys) - set(_RESAMPLED)
+    if unknown:
+        raise ValueError(f"no bootstrap for {sorted(unknown)}; known: {sorted(_RESAMPLED)}")
+    y, p = np.asarray(y).astype(int), np.asarray(p, dtype=np.float64)
     rng = np.random.default_rng(seed)
-    vals = []
+    draws = {k: [] for k in keys}
     for _ in range(n_boot):
         i = rng.integers(0, len(y), len(y))
-        v = binary_metrics(y[i], p[i], threshold)[metric]
-        if not np.isnan(v):
-            vals.append(v)
-    lo, hi = np.quantile(vals, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(lo), float(hi)
+        for k in keys:
+            draws[k].append(_RESAMPLED[k](y[i], p[i], threshold))
+    return {k: _percentiles(v, level) for k, v in draws.items()}
+
+
+def _percentiles(values: list[float], level: float) -> list[float]:
+    v = np.asarray(values, dtype=np.float64)
+    v = v[~np.isnan(v)]
+    if not len(v):
+        return [float("nan"), float("nan")]
+    return [round(float(q), 4) for q in np.quantile(v, [(1 - level) / 2, 1 - (1 - level) / 2])]
 
 
 def fit_temperature(pair_logits: np.ndarray, y: np.ndarray) -> float:

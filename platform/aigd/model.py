@@ -27,6 +27,7 @@ from aigd.tiny_model import ensure_tiny_model
 
 VISION_BLOCKS = r"(?:.*\.)?visual\.blocks\.\d+\."
 LANGUAGE_LAYERS = r"(?:.*\.)?language_model\.layers\.\d+\."
+PATCH_EMBED = r"(?:.*\.)?visual\.patch_embed\.proj"
 
 
 def resolve_backend(cfg: ModelConfig) -> str:
@@ -58,6 +59,8 @@ def lora_target_regex(lora: LoraConfig) -> str:
             ["mlp\\.gate_proj", "mlp\\.up_proj", "mlp\\.down_proj"] if lora.mlp else [])
         if names:
             parts.append(VISION_BLOCKS + "(?:" + "|".join(names) + ")")
+        if lora.patch_embed:
+            parts.append(PATCH_EMBED)
     if lora.language:
         names = (["self_attn\\.[qkvo]_proj"] if lora.attention else []) + (
             ["mlp\\.gate_proj", "mlp\\.up_proj", "mlp\\.down_proj"] if lora.mlp else [])

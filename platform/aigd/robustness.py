@@ -17,10 +17,11 @@ from aigd.config import DataConfig, DecodeLimits, EvalConfig, ImagePolicy, from_
 from aigd.decision import ENSEMBLE, Rule, combine, ensemble_rule, p_fake
 from aigd.errors import AigdError
 from aigd.images import decode, jpeg, sniff
-from aigd.metrics import binary_metrics, bootstrap_ci, ece, fit_calibration
+from aigd.metrics import binary_metrics, bootstrap_cis, ece, fit_calibration
 from aigd.prompt import prepare, prepare_image
 from aigd.scorer import Scorer
 from aigd.sources import image_bytes, with_images
+GROUP = "group_"  # metadata columns carried through scoring for EvalConfig.group_by
 _JPEG = re.compile(r"jpeg_q(\d+)$")
 _SCALE = re.compile(r"downscale_([0-9.]+)$")
 _CROP = re.compile(r"center_crop_([0-9.]+)$")
@@ -58,7 +59,8 @@ def perturb(img: Image.Image, name: str) -> Image.Image:
 
 def expand(batch: dict, perturbations: list[str], policy: ImagePolicy, max_pixels: int) -> dict:
     """Decode each image once; emit one prepared (policy-sized) uint8 array per perturbation."""
-    out = {k: [] for k in ("img_id", "label", "perturbation", "pixels", "width", "height", "format")}
+    groups = [k for k in batch if k.startswith(GROUP)]
+    out = {k: [] for k in ("img_id", "label", "perturbation", "pixels", "width", "height", "format", *groups)}
     limits = DecodeLimits.preset("training", max_pixels)
     for i, data in enumerate(image_bytes(batch["image"])):
         try:
@@ -76,13 +78,16 @@ def expand(batch: dict, perturbations: list[str], policy: ImagePolicy, max_pixel
             out["width"].append(int(batch["width"][i]))
             out["height"].append(int(batch["height"][i]))
             out["format"].append(fmt)
+            for k in groups:
+                out[k].append(str(batch[k][i]))
     return out
 
 
 def expand_block(rows, cfg: DataConfig, files: list[str], perturbations: list[str], policy: ImagePolicy) -> dict:
     """`expand` for a block of planned rows (aigd.data.planned_rows): reads their images first."""
     table = with_images(cfg, files, rows)
-    batch = {k: table.column(k).to_pylist() for k in ("img_id", "image", "label", "width", "height")}
+    keys = ("img_id", "image", "label", "width", "height", *(k for k in table.column_names if k.startswith(GROUP)))
+    batch = {k: table.column(k).to_pylist() for k in keys}
     return expand(batch, perturbations, policy, cfg.max_image_pixels)
 
 
@@ -134,6 +139,7 @@ def probabilities(scores: dict, cfg: EvalConfig) -> dict[str, tuple]:
 def predictions(scores: dict, cfg: EvalConfig) -> dict:
     """One row per image and perturbation: P(fake) and label per member and for the ensemble."""
     out = {k: np.asarray(scores[k]) for k in ("img_id", "label", "perturbation")}
+    out.update({col: np.asarray(scores[GROUP + col]) for col in cfg.group_by})
     for name, (p, rule) in probabilities(scores, cfg).items():
         out[f"p_fake_{name}"], out[f"label_{name}"] = p, rule.label(p)
     return out
@@ -143,8 +149,7 @@ def with_ci(y, p, rule: Rule, n_boot: int) -> dict:
     threshold = rule.threshold
     m = binary_metrics(y, p, threshold, rule.band)
     if n_boot and len(np.unique(y)) == 2:
-        for key in ("accuracy", "f1", "roc_auc"):
-            m[f"{key}_ci95"] = list(bootstrap_ci(y, p, key, n_boot=n_boot, threshold=threshold))
+        m.update({f"{k}_ci95": v for k, v in bootstrap_cis(y, p, threshold, n_boot=n_boot).items()})
     return m
 
 
@@ -161,7 +166,48 @@ def summarize(scores: dict, cfg: EvalConfig) -> dict:
                          for m, (p, t) in probs.items()}
     kept = {m: {name: metrics[name][m]["roc_auc"] / metrics["clean"][m]["roc_auc"]
                 for name in cfg.perturbations} for m in metrics.get("clean", {})}
-    return {"metrics": metrics, "auc_kept_vs_clean": kept}
+    out = {"metrics": metrics, "auc_kept_vs_clean": kept}
+    if cfg.group_by:
+        out["groups"] = {col: group_metrics(scores, cfg, col) for col in cfg.group_by}
+    return out
+
+
+def group_negatives(group: np.ndarray, y: np.ndarray, value: str, min_images: int) -> tuple[np.ndarray, str]:
+    """Which images a group is scored on, and what its negatives are: the group's own reals when it
+    has enough (an image folder per generator with its own reals), else every real evaluated (the
+    demo data, SID_Set's labels: a generator's group holds only fakes); a group without fakes is
+    scored on its reals alone ("none": only the share called real means something)."""
+    in_group = group == value
+    if not (in_group & (y == 1)).any():
+        return in_group, "none"
+    if (in_group & (y == 0)).sum() >= min_images:
+        return in_group, "own"
+    return in_group | (y == 0), "pooled"
+
+
+def group_metrics(scores: dict, cfg: EvalConfig, col: str) -> dict:
+    """metrics[perturbation][member] per value of one group_by column; no AUC below min_group_images."""
+    pert, y = np.asarray(scores["perturbation"]), np.asarray(scores["label"])
+    group = np.asarray(scores[GROUP + col])
+    clean = pert == cfg.perturbations[0]
+    out = {}
+    for value in sorted(set(group[clean].tolist())):
+        sel, reals = group_negatives(group[clean], y[clean], value, cfg.min_group_images)
+        n_real, n_fake = int((y[clean][sel] == 0).sum()), int((y[clean][sel] == 1).sum())
+        enough = min(n_real, n_fake) >= cfg.min_group_images
+        per_pert = {}
+        for name in cfg.perturbations:
+            rows = np.flatnonzero(pert == name)
+            chosen = rows[group_negatives(group[rows], y[rows], value, cfg.min_group_images)[0]]
+            sub = {k: np.asarray(v)[chosen] for k, v in scores.items()}
+            per_pert[name] = {m: _without_auc(binary_metrics(sub["label"], p, rule.threshold, rule.band), enough)
+                              for m, (p, rule) in probabilities(sub, cfg).items()}
+        out[value] = {"n_real": n_real, "n_fake": n_fake, "reals": reals, "metrics": per_pert}
+    return out
+
+
+def _without_auc(m: dict, enough: bool) -> dict:
+    return m if enough else {**m, "roc_auc": None, "average_precision": None}
 
 
 def calibration_report(y, scores: dict, adapters: list[str], target_fpr: float) -> dict:

@@ -59,9 +59,14 @@ def class_of(labels: np.ndarray, cfg: DataConfig, ids=None) -> np.ndarray:
     return out
 
 
-def keep_mask(labels, widths, heights, cfg: DataConfig) -> np.ndarray:
-    cls = class_of(np.asarray(labels), cfg)
-    return (cls >= 0) & (np.asarray(widths) >= cfg.min_width) & (np.asarray(heights) >= cfg.min_height)
+def keep_mask(table: pa.Table, cls: np.ndarray, cfg: DataConfig) -> np.ndarray:
+    """Rows of a known class, large enough, and not excluded by `cfg.exclude`."""
+    keep = ((cls >= 0) & (table.column("width").to_numpy() >= cfg.min_width)
+            & (table.column("height").to_numpy() >= cfg.min_height))
+    for column, values in cfg.exclude.items():
+        keep &= ~np.isin(np.asarray(table.column(column).to_pylist(), dtype=object).astype(str),
+                         [str(v) for v in values])
+    return keep
 
 
 # --------------------------------------------------------------------------- plan (one metadata pass)
@@ -76,10 +81,9 @@ def assign_split(u: np.ndarray, val_fraction: float, test_fraction: float) -> np
 
 
 def _split_and_class(cfg: DataConfig, table: pa.Table):
-    labels = table.column("label").to_numpy()
-    cls = class_of(labels, cfg)
-    keep = keep_mask(labels, table.column("width").to_numpy(), table.column("height").to_numpy(), cfg)
     ids = table.column("img_id").to_pylist()
+    cls = class_of(table.column("label").to_numpy(), cfg, ids)
+    keep = keep_mask(table, cls, cfg)
     split = assign_split(unit_hash(split_key(ids, cfg.split_group_sep), cfg.split_salt),
                          cfg.val_fraction, cfg.test_fraction)
     return ids, cls, keep, split
@@ -132,10 +136,9 @@ def stratified(cfg: DataConfig, table: pa.Table, split: str, n: int | None, coun
 
 def select_rows(table: pa.Table, cfg: DataConfig, split: str, sample: Subsample | None = None) -> pa.Table:
     """Filter + split + undersample on metadata columns only; image bytes are never copied to Python."""
-    labels = table.column("label").to_numpy()
     ids = table.column("img_id").to_pylist()
-    cls = class_of(labels, cfg, ids)
-    keep = keep_mask(labels, table.column("width").to_numpy(), table.column("height").to_numpy(), cfg)
+    cls = class_of(table.column("label").to_numpy(), cfg, ids)
+    keep = keep_mask(table, cls, cfg)
     if split != "all":  # "all": every row that passes the label and size filters
         u = unit_hash(split_key(ids, cfg.split_group_sep), cfg.split_salt)
         keep &= assign_split(u, cfg.val_fraction, cfg.test_fraction) == SPLITS.index(split)

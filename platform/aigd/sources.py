@@ -1,10 +1,12 @@
 """Where images come from: SID_Set parquet shards (local or s3:// / gs://), a `save_to_disk` folder,
-an image folder with real/ and fake/, or the hub; read by training, evaluation and batch scoring.
+an image folder (real/ and fake/, or one folder per generator as GenImage ships them), or the hub;
+read by training, evaluation and batch scoring.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -16,6 +18,8 @@ import pyarrow.parquet as pq
 from aigd.config import DataConfig
 
 META_COLUMNS = ["img_id", "width", "height", "label"]
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -71,27 +75,59 @@ def resolve_source(cfg: DataConfig) -> DataConfig:
     return dataclasses.replace(cfg, source="sid_parquet", path=local)
 
 
-def image_folder_table(path: str) -> pa.Table:
+# Class folder names: SID_Set-style real/fake, GenImage's nature/ai, AIGCDetectBenchmark's 0_real/1_fake.
+CLASS_FOLDERS = {"real": 0, "0_real": 0, "nature": 0, "fake": 1, "1_fake": 1, "ai": 1}
+FOLDER_LAYOUTS = ("<root>/real/* and <root>/fake/* (also 0_real/1_fake, nature/ai), or by generator: "
+                  "<root>/<generator>/0_real/* and <root>/<generator>/1_fake/*, deeper nesting allowed "
+                  "(<root>/<generator>/val/nature/*)")
+
+
+def _folder_class(rel: Path) -> tuple[int, str] | None:
+    """(label, generator) from the nearest class folder above a file (path relative to root); None
+    when it is under none. The generator is the first folder when the class folder sits deeper."""
+    folders = rel.parts[:-1]
+    for depth in range(len(folders) - 1, -1, -1):
+        label = CLASS_FOLDERS.get(folders[depth].lower())
+        if label is not None:
+            return label, folders[0] if depth > 0 else "unknown"
+    return None
+
+
+def _image_size(f: Path) -> tuple[int, int]:
     from PIL import Image
 
-    rows = {"img_id": [], "image": [], "width": [], "height": [], "label": []}  # image: the file's path
-    for label, sub in ((0, "real"), (1, "fake")):
-        for f in sorted((Path(path) / sub).rglob("*")):
-            if not f.is_file():
-                continue
-            try:
-                with Image.open(f) as im:  # header only
-                    w, h = im.size
-            except Exception:
-                w = h = 0  # unreadable: kept so the decode stage counts it
-            rows["img_id"].append(str(f.relative_to(path)))
-            rows["image"].append(str(f))
-            rows["width"].append(w)
-            rows["height"].append(h)
-            rows["label"].append(label)
-    if not rows["img_id"]:
-        raise DataError(f"image folder {path} has no files under real/ or fake/")
-    return pa.table(rows)
+    try:
+        with Image.open(f) as im:  # header only
+            return im.size
+    except Exception:
+        return 0, 0  # unreadable: kept so the decode stage counts it
+
+
+def image_folder_table(path: str) -> pa.Table:
+    """One row per file under a class folder (see FOLDER_LAYOUTS); `image` is the file's path."""
+    root = Path(path)
+    found, ignored = [], 0
+    for f in root.rglob("*"):
+        if not f.is_file():
+            continue
+        rel = f.relative_to(root)
+        cls = _folder_class(rel)
+        if cls is None:
+            ignored += 1
+        else:
+            found.append((cls[0], rel, cls[1]))
+    if not found:
+        raise DataError(f"image folder {path} has no files under a class folder ({ignored} files "
+                        f"elsewhere); accepted layouts: {FOLDER_LAYOUTS}")
+    if ignored:
+        log.warning("image folder %s: %d files under no class folder ignored", path, ignored)
+    found.sort()  # real rows first, each class in path order: the plain layout's order is unchanged
+    sizes = [_image_size(root / rel) for _, rel, _ in found]
+    return pa.table({"img_id": [str(rel) for _, rel, _ in found],
+                     "image": [str(root / rel) for _, rel, _ in found],
+                     "width": [w for w, _ in sizes], "height": [h for _, h in sizes],
+                     "label": [label for label, _, _ in found],
+                     "generator": [gen for _, _, gen in found]})
 
 
 @lru_cache(maxsize=2)
@@ -119,17 +155,26 @@ def _located(table: pa.Table, rows_per_file: list[int]) -> pa.Table:
     return table.append_column("_file", pa.array(file_idx)).append_column("_row", pa.array(rows))
 
 
-def metadata(cfg: DataConfig) -> pa.Table:
-    """img_id/width/height/label and the row's location for every row, without reading image bytes."""
+def _meta_columns(cfg: DataConfig, available: list[str], extra) -> list[str]:
+    missing = [c for c in extra if c not in available]
+    if missing:
+        raise DataError(f"{cfg.source} {cfg.path} has no column {', '.join(missing)} "
+                        f"(its columns: {', '.join(available)})")
+    return list(dict.fromkeys(META_COLUMNS + list(extra)))
+
+
+def metadata(cfg: DataConfig, extra: tuple[str, ...] | list[str] = ()) -> pa.Table:
+    """img_id/width/height/label, the `extra` columns asked for and those `cfg.exclude` filters on,
+    and the row's location for every row, without reading image bytes."""
+    extra = [*extra, *cfg.exclude]
     if cfg.source == "sid_parquet":
         fs, files = parquet_files(cfg.path)
         ds = pq.ParquetDataset(files, filesystem=fs)
-        table = _located(ds.read(columns=META_COLUMNS), [f.metadata.num_rows for f in ds.fragments])
-    elif cfg.source == "hf_disk":
-        table = hf_disk_table(cfg.path).select(META_COLUMNS)
-        table = _located(table, [table.num_rows])
-    elif cfg.source == "image_folder":
-        table = image_folder_table(cfg.path).select(META_COLUMNS)
+        columns = _meta_columns(cfg, ds.schema.names, extra)  # parquet reads only these columns
+        table = _located(ds.read(columns=columns), [f.metadata.num_rows for f in ds.fragments])
+    elif cfg.source in ("hf_disk", "image_folder"):
+        table = hf_disk_table(cfg.path) if cfg.source == "hf_disk" else image_folder_table(cfg.path)
+        table = table.select(_meta_columns(cfg, table.column_names, extra))
         table = _located(table, [table.num_rows])
     else:
         raise DataError(f"source {cfg.source} must be resolved first")

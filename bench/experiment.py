@@ -176,8 +176,7 @@ def main(argv=None) -> dict:
     from aigd.tiny_model import ensure_tiny_model
 
     ensure_tiny_model(home() / "tiny-qwen2.5-vl")
-    if not (home() / "demo-data" / "data").exists():
-        write_demo_data(C.load(C.DemoDataConfig, REPO / "configs/demo_data.yaml"))
+    write_demo_data(C.load(C.DemoDataConfig, REPO / "configs/demo_data.yaml"))  # kept when already written
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "jobs"), os.environ.get("PYTHONPATH", "")])
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)

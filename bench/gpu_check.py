@@ -210,7 +210,7 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from aigd.config import DemoDataConfig
+    from aigd.config import DemoDataConfig, ZooConfig
     from aigd.demo_data import write_demo_data
     from aigd.tiny_model import SEVEN_B_WIDTHS, TINY_DIMS, build_tiny_model
 
@@ -227,8 +227,10 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     if not (path / "model.safetensors").exists():
         build_tiny_model(path, dims=dims, dtype=dtype, format_steps=0 if not args.cpu_smoke else 200)
+    # the stages need rows of every kind, not fakes a detector can learn: a zoo trained for seconds
     data = write_demo_data(DemoDataConfig(out_dir=str(home() / "data"), rows_per_class=60, tampered_rows=4,
-                                          small_rows=4, corrupt_rows=1, shards=2))
+                                          small_rows=4, corrupt_rows=1, shards=2,
+                                          zoo=ZooConfig(steps=30, width=8, ddim_steps=2)))
     print(f"model {path} and data {data} ready in {time.perf_counter() - t0:.0f} s", flush=True)
     common = ["--model", str(path), "--data", str(data)] + (["--cpu-smoke"] if args.cpu_smoke else [])
     results = {}

@@ -138,6 +138,17 @@ def goals(fig: dict, families: list[str]) -> dict:
     }
 
 
+def previous_runs(path: Path, families: list[str], epochs: int | None) -> tuple[dict, dict]:
+    """(runs, seconds) per seed of an earlier run of this command with the same families and epochs."""
+    if not path.exists():
+        return {}, {}
+    saved = json.loads(path.read_text())
+    if saved.get("families") != families or saved.get("epochs") != epochs:
+        return {}, {}
+    return ({int(k): v for k, v in saved["runs"].items()},
+            {int(k): v for k, v in saved.get("seed_wall_s", {}).items()})
+
+
 def write_doc(path: Path, block: str) -> None:
     text = path.read_text()
     if BEGIN not in text:
@@ -152,6 +163,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--families", nargs="+", help="default: every family of the demo data config's zoo")
     ap.add_argument("--epochs", type=int, help="override optim.epochs of both demo configs")
     ap.add_argument("--doc", help="replace the block between the generalization markers in this file")
+    ap.add_argument("--reuse", action="store_true", help="take seeds already run (same families and epochs) "
+                    "from $AIGD_HOME/experiment/generalization.json instead of training them again")
     args = ap.parse_args(argv)
     import ray
 
@@ -166,25 +179,32 @@ def main(argv=None) -> dict:
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "jobs"), os.environ.get("PYTHONPATH", "")])
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
-    t0 = time.perf_counter()
-    runs = {seed: {held: run_setting(seed, None if held == "all" else held, args.epochs)
-                   for held in ["all", *families]} for seed in args.seeds}
+    out = home() / "experiment" / "generalization.json"
+    runs, seed_wall = previous_runs(out, families, args.epochs) if args.reuse else ({}, {})
+    runs = {seed: runs[seed] for seed in args.seeds if seed in runs}
+    for seed in args.seeds:
+        if seed not in runs:
+            t0 = time.perf_counter()
+            runs[seed] = {held: run_setting(seed, None if held == "all" else held, args.epochs)
+                          for held in ["all", *families]}
+            seed_wall[seed] = time.perf_counter() - t0
     ray.shutdown()
-    wall = time.perf_counter() - t0
+    wall = sum(seed_wall.get(seed, 0.0) for seed in args.seeds)
     fig = figures(runs, families)
     met = goals(fig, families)
     epochs = f"{args.epochs} epochs" if args.epochs else "the demo configs' epochs"
     block = (f"<!-- written by: python bench/generalization.py --seeds {' '.join(map(str, args.seeds))}"
-             f"{f' --epochs {args.epochs}' if args.epochs else ''} --doc {args.doc} -->\n"
+             f"{f' --epochs {args.epochs}' if args.epochs else ''}{' --reuse' if args.reuse else ''} --doc {args.doc} -->\n"
              f"Seeds {', '.join(map(str, args.seeds))}: mean (min-max). Families {', '.join(families)}; {epochs}; "
              f"{len(runs) * (1 + len(families)) * 2} training jobs and {len(runs) * (1 + len(families))} evaluations "
-             f"in {wall / 60:.0f} min on {os.cpu_count()} CPUs.\n\n" + tables(fig, families) +
+             f"in {wall / 60:.0f} min on {os.cpu_count()} CPUs "
+             f"({', '.join(f'seed {k} {v / 60:.0f} min' for k, v in sorted(seed_wall.items()) if k in runs)}).\n\n" + tables(fig, families) +
              "\n\nGoals:\n\n" + "\n".join(f"- {k}: **{'met' if v['met'] else 'NOT met'}** "
                                           f"({', '.join(f'{a} {b}' for a, b in v.items() if a != 'met')})"
                                           for k, v in met.items()))
     print(block)
-    out = home() / "experiment" / "generalization.json"
-    out.write_text(json.dumps({"runs": runs, "goals": met, "wall_s": wall}, indent=1, default=float))
+    out.write_text(json.dumps({"runs": runs, "goals": met, "wall_s": wall, "seed_wall_s": seed_wall,
+                               "families": families, "epochs": args.epochs}, indent=1, default=float))
     if args.doc:
         write_doc(Path(args.doc), block)
     return {"goals": met, "wall_s": wall}

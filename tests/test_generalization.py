@@ -66,3 +66,16 @@ def test_the_doc_block_is_replaced_and_a_doc_without_markers_refused(tmp_path):
     (tmp_path / "bare.md").write_text("nothing")
     with pytest.raises(SystemExit, match="no"):
         G.write_doc(tmp_path / "bare.md", "x")
+
+
+def test_earlier_seeds_are_reused_only_for_the_same_families_and_epochs(tmp_path, runs):
+    import json
+
+    path = tmp_path / "generalization.json"
+    assert G.previous_runs(path, FAMILIES, 6) == ({}, {})
+    path.write_text(json.dumps({"runs": runs, "seed_wall_s": {0: 60.0, 1: 70.0}, "families": FAMILIES, "epochs": 6}))
+    again, wall = G.previous_runs(path, FAMILIES, 6)
+    assert set(again) == {0, 1} and wall == {0: 60.0, 1: 70.0}
+    assert again[1]["gan"]["groups"]["gan"]["metrics"]["clean"]["method1"]["roc_auc"] == pytest.approx(0.7)
+    assert G.previous_runs(path, FAMILIES, 10) == ({}, {})
+    assert G.previous_runs(path, ["gan"], 6) == ({}, {})

@@ -62,6 +62,7 @@ def _args(tiny_model, demo_data, tmp, name, *extra, config="configs/demo_method1
     return ["--config", str(ROOT / config), f"model.name_or_path={tiny_model}", f"data.path={demo_data}",
             f"run.storage_path={tmp}/runs", f"run.name={name}", f"run.export_dir={tmp}/adapters/{name}",
             "optim.batch_size=8", "optim.log_every=5", "optim.eval_every_samples=100000", "data.preserve_order=true",
+            "data.test_fraction=0.15",  # the small test set's split (DataConfig's), which its step counts assume
             *extra]
 
 

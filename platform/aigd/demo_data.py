@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from aigd.config import DemoDataConfig, ZooConfig, to_dict
+from aigd import zoo
 from aigd.zoo import MARGIN, TRAINED, resample
 
 SKIMAGE_PHOTOS = ("astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins", "grass",
@@ -141,19 +142,12 @@ class Row(NamedTuple):
     bad: str | None = None
 
 
-def demo_split(cfg: DemoDataConfig):
-    """The split the demo configs train and evaluate with."""
-    from aigd.config import DataConfig
-
-    return DataConfig(test_fraction=cfg.test_fraction, split_group_sep="/")
-
-
 def split_of(ids: list[str], cfg: DemoDataConfig) -> np.ndarray:
-    """0 train, 1 val, 2 test per img_id (or photo name) under the demo split."""
-    from aigd.sampling import assign_split, split_key, unit_hash
+    """0 train, 1 val, 2 test per img_id (or photo name) under the split the demo configs use."""
+    from aigd.config import DataConfig
+    from aigd.sampling import split_of as data_split
 
-    split = demo_split(cfg)
-    return assign_split(unit_hash(split_key(ids, "/"), split.split_salt), split.val_fraction, split.test_fraction)
+    return data_split(ids, DataConfig(test_fraction=cfg.test_fraction, split_group_sep="/"))
 
 
 def train_photos(names: list[str], cfg: DemoDataConfig) -> list[str]:
@@ -210,8 +204,6 @@ def training_patches(photos: dict[str, np.ndarray], names: list[str], cfg: ZooCo
 def make_images(cfg: DemoDataConfig, rows: list[Row], photos: dict[str, np.ndarray], log) -> tuple[list, dict]:
     """Each row's image (PIL) and, per family, its count and seconds spent (training + generation),
     logged as each family is done."""
-    from aigd import zoo
-
     images: list = [None] * len(rows)
     stats: dict[str, dict] = {}
     names = train_photos(sorted(photos), cfg)

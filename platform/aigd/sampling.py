@@ -80,13 +80,16 @@ def assign_split(u: np.ndarray, val_fraction: float, test_fraction: float) -> np
     return out
 
 
+def split_of(ids, cfg: DataConfig) -> np.ndarray:
+    """0 train, 1 val, 2 test per img_id, by the config's salted hash of its group."""
+    return assign_split(unit_hash(split_key(ids, cfg.split_group_sep), cfg.split_salt),
+                        cfg.val_fraction, cfg.test_fraction)
+
+
 def _split_and_class(cfg: DataConfig, table: pa.Table):
     ids = table.column("img_id").to_pylist()
     cls = class_of(table.column("label").to_numpy(), cfg, ids)
-    keep = keep_mask(table, cls, cfg)
-    split = assign_split(unit_hash(split_key(ids, cfg.split_group_sep), cfg.split_salt),
-                         cfg.val_fraction, cfg.test_fraction)
-    return ids, cls, keep, split
+    return ids, cls, keep_mask(table, cls, cfg), split_of(ids, cfg)
 
 
 def class_counts(cfg: DataConfig, table: pa.Table) -> dict[str, list[int]]:
@@ -140,8 +143,7 @@ def select_rows(table: pa.Table, cfg: DataConfig, split: str, sample: Subsample 
     cls = class_of(table.column("label").to_numpy(), cfg, ids)
     keep = keep_mask(table, cls, cfg)
     if split != "all":  # "all": every row that passes the label and size filters
-        u = unit_hash(split_key(ids, cfg.split_group_sep), cfg.split_salt)
-        keep &= assign_split(u, cfg.val_fraction, cfg.test_fraction) == SPLITS.index(split)
+        keep &= split_of(ids, cfg) == SPLITS.index(split)
     if sample is not None:
         draw = unit_hash(ids, sample.salt)
         keep &= np.where(cls == 0, draw < sample.cuts[0], draw < sample.cuts[1]) | (cls < 0)

@@ -53,7 +53,7 @@ def base_images(rng: np.random.Generator) -> list:
     """1024-wide photos with sensor-like noise, so JPEGs have realistic size and decode cost."""
     from PIL import Image
 
-    from aigd.demo_data import source_photos
+    from aigd.dev.demo_data import source_photos
 
     out = []
     for i, photo in enumerate(source_photos().values()):
@@ -119,7 +119,7 @@ def bench_configs(data_path: Path):
 
 
 def processor_path() -> str:
-    from aigd.tiny_model import ensure_tiny_model
+    from aigd.dev.tiny_model import ensure_tiny_model
 
     return str(ensure_tiny_model(home() / "tiny-qwen2.5-vl"))
 
@@ -139,7 +139,7 @@ def seed_loop_ips(data_path: Path, n: int) -> float:
 
     from aigd.batching import encode
     from aigd.data import cached_processor
-    from aigd.prompt import prepare_image
+    from aigd.image_view import prepare_image
 
     _, policy, aug, _ = bench_configs(data_path)
     proc = cached_processor(processor_path())
@@ -164,13 +164,13 @@ def tight_loop(data_path: Path, n: int) -> tuple[int, float]:
     import torch
 
     from aigd.data import ROWS_PER_TASK, Preprocessor
-    from aigd.sampling import balance, select_rows
-    from aigd.sources import metadata, row_blocks, shards
+    from aigd.sampling import Catalog, balance
+    from aigd.sources import row_blocks, shards
 
     torch.set_num_threads(1)  # what a Ray actor with num_cpus=1 gets
     data, policy, aug, batch_size = bench_configs(data_path)
-    meta = metadata(data)
-    kept = select_rows(meta, data, "train", balance(data, meta, 0)).slice(0, n)
+    cat = Catalog.read(data)
+    kept = cat.select("train", balance(cat, 0)).slice(0, n)
     work = Preprocessor(data, shards(data), (processor_path(), None), policy, aug, 0, batch_size, "train", None)
     blocks = row_blocks(kept, ROWS_PER_TASK)
     sum(1 for _ in work(blocks[0][:batch_size]))  # first calls build the prompt and the transforms
@@ -180,17 +180,17 @@ def tight_loop(data_path: Path, n: int) -> tuple[int, float]:
 
 
 def eval_expand_ms(data_path: Path, n: int) -> float:
-    """CPU per image of the evaluation job's decode stage (aigd.robustness.expand_block: decode + the
+    """CPU per image of the evaluation job's decode stage (aigd.evaluation.expand_block: decode + the
     eval config's perturbations, each prepared to configs/method2.yaml's policy) on these 1024-px
     JPEGs, one process: what sizes the evaluation's CPUs per GPU."""
     from aigd import config as C
-    from aigd.robustness import expand_block
-    from aigd.sampling import select_rows
-    from aigd.sources import metadata, row_blocks, shards
+    from aigd.evaluation import expand_block
+    from aigd.sampling import Catalog
+    from aigd.sources import row_blocks, shards
 
     data, policy, _, _ = bench_configs(data_path)
     perturbations = list(C.load(C.EvalConfig, REPO / "configs/eval_demo.yaml").perturbations)
-    blocks = row_blocks(select_rows(metadata(data), data, "all").slice(0, n), 32)
+    blocks = row_blocks(Catalog.read(data).select("all").slice(0, n), 32)
     expand_block(blocks[0][:2], data, shards(data), perturbations, policy)
     t0 = time.perf_counter()
     for block in blocks:
@@ -222,8 +222,7 @@ def run_pipeline(data_path: Path, cpus: int, store_mb: int) -> dict:
     import ray
 
     from aigd.data import Collate, build_dataset, cached_processor, configure_execution
-    from aigd.sampling import balance
-    from aigd.sources import metadata
+    from aigd.sampling import Catalog, balance
 
     data, policy, aug, batch_size = bench_configs(data_path)
     path = processor_path()
@@ -233,7 +232,8 @@ def run_pipeline(data_path: Path, cpus: int, store_mb: int) -> dict:
     ray.data.DataContext.get_current().enable_progress_bars = False
     configure_execution(data)
     t0 = time.perf_counter()
-    ds = build_dataset(data, "train", (path, None), policy, aug, 0, balance(data, metadata(data), 0),
+    cat = Catalog.read(data)
+    ds = build_dataset(cat, "train", (path, None), policy, aug, 0, balance(cat, 0),
                        batch_size=batch_size)
     n, first = 0, None
     for batch in ds.iter_torch_batches(batch_size=batch_size, collate_fn=to_batch):

@@ -36,15 +36,15 @@ def floor(cfg, split: str, threads: int, max_images: int) -> dict:
     import pyarrow as pa
     import torch
 
-    from aigd import robustness as E
+    from aigd import evaluation as E
     from aigd.data import ROWS_PER_TASK
-    from aigd.sampling import select_rows
+    from aigd.sampling import Catalog
     from aigd.scorer import Scorer
-    from aigd.sources import metadata, resolve_source, row_blocks, shards
+    from aigd.sources import resolve_source, row_blocks, shards
 
     torch.set_num_threads(threads)
     data = resolve_source(cfg.data)
-    kept = select_rows(metadata(data), data, split).slice(0, max_images)
+    kept = Catalog.read(data).select(split).slice(0, max_images)
     files = shards(data)
     t0 = time.perf_counter()
     parts = [E.expand_block(b, data, files, list(cfg.perturbations), cfg.image) for b in row_blocks(kept, ROWS_PER_TASK)]
@@ -66,13 +66,9 @@ def floor(cfg, split: str, threads: int, max_images: int) -> dict:
 def job(cfg, split: str) -> dict:
     """The job's scoring stage on a fresh local Ray (already initialised), consumed like evaluate.score."""
     import evaluate
-    from aigd.sources import metadata, resolve_source
-
-    data = resolve_source(cfg.data)
     t0 = time.perf_counter()
     n, first = 0, None
-    table = evaluate.with_groups(metadata(data, extra=cfg.group_by), cfg.group_by)
-    for batch in evaluate.scoring_dataset(cfg, data, table, split, list(cfg.perturbations)).iter_batches(
+    for batch in evaluate.scoring_dataset(cfg, evaluate.catalog(cfg), split, list(cfg.perturbations)).iter_batches(
             batch_size=None, batch_format="numpy"):  # blocks as they arrive
         n += len(batch["label"])
         if first is None:

@@ -1,7 +1,7 @@
 """The demo's evidence: both methods trained over several seeds, evaluated on the held-out test split,
-summarised as mean and spread per method and perturbation; the README's proxy table is this output.
+summarised as mean and spread per method and perturbation; the proxy table in docs/benchmarks.md is this output.
 
-    python bench/experiment.py --seeds 0 1 2 --readme README.md --json     # (make experiment)
+    python bench/experiment.py --seeds 0 1 2 --doc docs/benchmarks.md --json     # (make experiment)
 
 Per seed: jobs/train_method1.py and jobs/train_method2.py with the demo configs (seed set in
 optim, lora and data), then jobs/evaluate.py on both adapters; all on one local Ray. Also the
@@ -67,11 +67,12 @@ def plain_loop_samples_per_s(steps: int = 40) -> float:
     from aigd import config as C
     from aigd.batching import collate, encode, pixel_affine
     from aigd.config import DecodeLimits
-    from aigd.sampling import select_rows
+    from aigd.sampling import Catalog
     from aigd.loop import make_optimizer
     from aigd.losses import loss_fn
     from aigd.model import load_for_training
-    from aigd.prompt import label_token_ids, prepare
+    from aigd.image_view import prepare
+    from aigd.prompt import label_token_ids
     from aigd.sources import parquet_files
     import pyarrow.parquet as pq
 
@@ -79,7 +80,7 @@ def plain_loop_samples_per_s(steps: int = 40) -> float:
     cfg = C.load(C.TrainJobConfig, REPO / "configs/demo_method1.yaml", base=__import__("train_method1").PRESET)
     model, proc, _ = load_for_training(cfg.model, cfg.lora, torch.device("cpu"))
     fs, files = parquet_files(cfg.data.path)
-    table = select_rows(pq.ParquetDataset(files, filesystem=fs).read(), cfg.data, "train")
+    table = Catalog.of(cfg.data, pq.ParquetDataset(files, filesystem=fs).read()).select("train")
     images, labels = [], []
     for r in table.slice(0, 8 * cfg.optim.batch_size).to_pylist():
         try:
@@ -95,7 +96,7 @@ def plain_loop_samples_per_s(steps: int = 40) -> float:
         batches.append(collate(rows, proc.tokenizer.pad_token_id, pixel_affine(proc)))
     opt, _ = make_optimizer(model, cfg.optim, steps)
     ids, loss_of = label_token_ids(proc.tokenizer), loss_fn(cfg.optim)
-    from aigd.scoring import answer_logits
+    from aigd.forward import answer_logits
 
     model.train()
     t0, n = time.perf_counter(), 0
@@ -166,14 +167,15 @@ def goals(summary: dict, per_seed: list[dict]) -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--readme", help="replace the block between the experiment markers in this file")
+    ap.add_argument("--doc", help="replace the block between the experiment markers in this file "
+                    "(docs/benchmarks.md)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     import ray
 
     from aigd import config as C
-    from aigd.demo_data import write_demo_data
-    from aigd.tiny_model import ensure_tiny_model
+    from aigd.dev.demo_data import write_demo_data
+    from aigd.dev.tiny_model import ensure_tiny_model
 
     ensure_tiny_model(home() / "tiny-qwen2.5-vl")
     write_demo_data(C.load(C.DemoDataConfig, REPO / "configs/demo_data.yaml"))  # kept when already written
@@ -209,11 +211,11 @@ def main(argv=None) -> dict:
                                     f"(best at {j['best_step']})" for j in jobs) + \
           f". All in {(time.perf_counter() - t0) / 60:.0f} min on {os.cpu_count()} CPUs."
     print(md)
-    if args.readme:
-        path = Path(args.readme)
+    if args.doc:
+        path = Path(args.doc)
         text = path.read_text()
         block = f"{BEGIN}\n<!-- written by: python bench/experiment.py --seeds {' '.join(map(str, args.seeds))} "\
-                f"--readme README.md -->\n{md}\n{END}"
+                f"--doc {args.doc} -->\n{md}\n{END}"
         path.write_text(re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S))
     out = {"summary": summary, "jobs": jobs, "goals": met, **throughput}
     if args.json:

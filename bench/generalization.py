@@ -169,8 +169,8 @@ def main(argv=None) -> dict:
     import ray
 
     from aigd import config as C
-    from aigd.demo_data import write_demo_data
-    from aigd.tiny_model import ensure_tiny_model
+    from aigd.dev.demo_data import write_demo_data
+    from aigd.dev.tiny_model import ensure_tiny_model
 
     demo = C.load(C.DemoDataConfig, REPO / "configs/demo_data.yaml")
     families = args.families or list(demo.zoo.families)

@@ -5,7 +5,7 @@ timeout, so a failing stage reports its error and the others still run.
     python bench/gpu_check.py --cpu-smoke --json   # the same stages on CPU with the tiny model
 
 Stages (a Qwen2.5-VL with the 7B's widths, Qwen's 152k-row embedding, 2 text layers and 2 vision
-blocks, random weights; `tiny_model.SEVEN_B_WIDTHS`):
+blocks, random weights; `aigd.dev.tiny_model.SEVEN_B_WIDTHS`):
   backend_unsloth, backend_hf   4-bit load, 6 Method-2 steps on 8 images of 512x512: load time, step
                                 time, samples/s, peak GPU memory, scoring images/s
   train_method2                 jobs/train_method2.py through Ray Train, 2 workers sharing the GPU
@@ -68,7 +68,7 @@ def stage_backend(backend: str, model_path: str, cpu: bool) -> dict:
     from aigd.loop import make_optimizer
     from aigd.model import autocast, load_for_training, precision
     from aigd.prompt import label_token_ids
-    from aigd.scoring import answer_logits, pair_logits
+    from aigd.forward import answer_logits, pair_logits
 
     device = torch.device("cpu") if cpu else torch.device("cuda", 0)
     side = 140 if cpu else 512
@@ -128,16 +128,18 @@ def _train_args(method: str, model_path: str, data: Path, cpu: bool, workers: in
 def stage_train(method: str, model_path: str, data: Path, cpu: bool) -> dict:
     import ray
 
+    from aigd.dev.faults import FailAtStep
+
     sys.path[:0] = [str(REPO), str(REPO / "jobs")]
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "jobs"), os.environ.get("PYTHONPATH", "")])
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
     recipe = __import__(f"train_{method}")
     workers = 2 if method == "method2" else 1
     # Method 2: fail at step 3 once; Ray Train restarts the workers from the step-2 checkpoint.
-    extra = ["optim.max_steps=4", "optim.fail_at_step=3", "run.max_failures=1"] if method == "method2" else \
-        ["optim.max_steps=2"]
+    extra = ["optim.max_steps=4", "run.max_failures=1"] if method == "method2" else ["optim.max_steps=2"]
+    hooks = [FailAtStep(3)] if method == "method2" else []
     t0 = time.perf_counter()
-    out = recipe.main(_train_args(method, model_path, data, cpu, workers, extra))
+    out = recipe.main(_train_args(method, model_path, data, cpu, workers, extra), hooks=hooks)
     manifest = json.loads((out / "manifest.json").read_text())
     return {"seconds_in_job": round(time.perf_counter() - t0, 1), "workers": workers, "adapter": str(out),
             "global_step": manifest["training"]["global_step"], "backend": manifest["base"]["backend"],
@@ -211,8 +213,8 @@ def main(argv=None) -> dict:
     import torch
 
     from aigd.config import DemoDataConfig, ZooConfig
-    from aigd.demo_data import write_demo_data
-    from aigd.tiny_model import SEVEN_B_WIDTHS, TINY_DIMS, build_tiny_model
+    from aigd.dev.demo_data import write_demo_data
+    from aigd.dev.tiny_model import SEVEN_B_WIDTHS, TINY_DIMS, build_tiny_model
 
     stages = [s for s in args.stages if not (args.cpu_smoke and s == "backend_unsloth")]
     if args.cpu_smoke:

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/hostile_inputs.py --json
 
-Each case runs `aigd.prompt.prepare` (the one image path of serving, scoring and un-augmented
+Each case runs `aigd.image_view.prepare` (the one image path of serving, scoring and un-augmented
 training) in a fresh process and prints its answer (decoded, or the error code the API would send),
 wall time and the process's peak memory above the interpreter's own. The generators are also the
 inputs of tests/test_images.py and tests/test_serve.py.
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from aigd.demo_data import jpeg_scan_bomb, png_header_bomb
+from aigd.dev.demo_data import jpeg_scan_bomb, png_header_bomb
 
 ROOT = Path(__file__).resolve().parents[1]
 # An EXIF block whose orientation entry has the wrong type: Pillow's exif_transpose raises
@@ -105,7 +105,7 @@ def _measure_one(name: str, path: Path) -> dict:
 
     from aigd.config import DecodeLimits, ImagePolicy
     from aigd.errors import AigdError
-    from aigd.prompt import prepare
+    from aigd.image_view import prepare
 
     data = path.read_bytes()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -116,7 +116,7 @@ def prepared(args: dict, images: list[bytes]) -> list[np.ndarray]:
     """The images as the router hands them to the model (decoded, policy-sized uint8 arrays)."""
     from aigd import config as C
     from aigd.manifest import policy_for
-    from aigd.prompt import prepare
+    from aigd.image_view import prepare
 
     cfg = C.from_dict(C.ServeConfig, args)
     return [prepare(d, cfg.limits, policy_for(cfg)) for d in images]
@@ -147,13 +147,12 @@ async def drive_handle(handle, pixels: list[np.ndarray], concurrency: int, secon
 
 def replica_pss_mb(app: str) -> float:
     """Summed PSS of the Detector replica processes of one Serve application (found by process title)."""
-    import psutil
+    from tests.helpers import pids_by_cmdline
 
     total = 0.0
-    for proc in psutil.process_iter(["cmdline"]):
-        if any(f"ServeReplica:{app}:Detector" in part for part in (proc.info["cmdline"] or [])):
-            with open(f"/proc/{proc.pid}/smaps_rollup") as f:
-                total += next(int(line.split()[1]) for line in f if line.startswith("Pss:")) / 1024
+    for pid in pids_by_cmdline(f"ServeReplica:{app}:Detector"):
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            total += next(int(line.split()[1]) for line in f if line.startswith("Pss:")) / 1024
     if total == 0:
         raise RuntimeError(f"no Detector replica process found for app {app}")
     return total

@@ -29,18 +29,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.serve_load import demo_args, drive, free_port, require_adapters, sample_images  # noqa: E402
+from tests.helpers import pids_by_cmdline  # noqa: E402
 
 
 def replica_pids(app: str, role: str) -> list[int]:
-    tag = f"ServeReplica:{app}:{role}".encode()
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and tag in (proc / "cmdline").read_bytes():
-                pids.append(int(proc.name))
-        except OSError:
-            continue
-    return pids
+    return pids_by_cmdline(f"ServeReplica:{app}:{role}")
 
 
 def rss_mb(pids: list[int]) -> list[float]:

@@ -22,10 +22,10 @@ import ray
 
 from aigd import config as C
 from aigd import report as R
-from aigd import robustness as E
+from aigd import evaluation as E
 from aigd.data import configure_execution, planned_rows
 from aigd.manifest import policy_for, update_calibration
-from aigd.sampling import class_counts
+from aigd.sampling import Catalog
 from aigd.sources import metadata, resolve_source
 
 
@@ -34,13 +34,7 @@ def parse_args(argv=None) -> C.EvalConfig:
     ap.add_argument("--config", required=True)
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. split=val bootstrap=500")
     args = ap.parse_args(argv)
-    cfg = C.load(C.EvalConfig, args.config, args.overrides)
-    for name in cfg.perturbations:
-        E.check_perturbation(name)
-    if "clean" not in cfg.perturbations:
-        raise C.ConfigError("perturbations must include clean (the sweep is reported relative to it)")
-    if not cfg.adapters:
-        raise C.ConfigError("adapters: name at least one exported adapter folder")
+    cfg = C.load(C.EvalConfig, args.config, args.overrides)  # validated on load
     return C.replace(cfg, image=policy_for(cfg))  # the expand stage prepares images before any Scorer exists
 
 
@@ -52,10 +46,10 @@ def with_groups(table: pa.Table, group_by: list[str]) -> pa.Table:
     return table
 
 
-def scoring_dataset(cfg: C.EvalConfig, data: C.DataConfig, table: pa.Table, split: str, perturbations: list[str]):
+def scoring_dataset(cfg: C.EvalConfig, cat: Catalog, split: str, perturbations: list[str]):
     """Ray Data: the split's planned rows -> decode + perturbations (tasks) -> Scorers (an actor pool)."""
-    rows, files = planned_rows(data, split, None, table)
-    ds = rows.map_batches(E.expand_block, fn_kwargs=dict(cfg=data, files=files, perturbations=perturbations,
+    rows, files = planned_rows(cat, split, None)
+    ds = rows.map_batches(E.expand_block, fn_kwargs=dict(cfg=cat.cfg, files=files, perturbations=perturbations,
                                                          policy=cfg.image),
                           batch_format="pyarrow", batch_size=None, num_cpus=cfg.decode_cpus)
     return ds.map_batches(E.ScoringActor, fn_constructor_kwargs=dict(cfg=C.to_dict(cfg)), batch_format="numpy",
@@ -83,16 +77,18 @@ class Progress:
                   f"ETA {eta / 60:.1f} min", flush=True)
 
 
-def score(cfg: C.EvalConfig, split: str, perturbations: list[str]) -> tuple[dict, int]:
-    """All scores of one split as numpy columns, plus the number of images that could not be decoded."""
+def catalog(cfg: C.EvalConfig) -> Catalog:
+    """The job's one metadata read, with the group_by columns."""
     data = resolve_source(cfg.data)
-    table = with_groups(metadata(data, extra=cfg.group_by), cfg.group_by)  # the one metadata read
-    counts = class_counts(data, table)
-    rows_in = sum(sum(c) for c in counts.values()) if split == "all" else sum(counts[split])
+    return Catalog.of(data, with_groups(metadata(data, extra=cfg.group_by), cfg.group_by))
+
+
+def score(cfg: C.EvalConfig, cat: Catalog, split: str, perturbations: list[str]) -> tuple[dict, int]:
+    """All scores of one split as numpy columns, plus the number of images that could not be decoded."""
+    rows_in = int(cat.in_split(split).sum())
     progress = Progress(split, rows_in)
     cols: dict[str, list] = {}
-    for batch in scoring_dataset(cfg, data, table, split, perturbations).iter_batches(batch_size=256,
-                                                                                      batch_format="numpy"):
+    for batch in scoring_dataset(cfg, cat, split, perturbations).iter_batches(batch_size=256, batch_format="numpy"):
         for k, v in batch.items():
             cols.setdefault(k, []).extend(list(v))
         progress.add(int(np.sum(batch["perturbation"] == perturbations[0])))
@@ -109,15 +105,16 @@ def main(argv=None) -> Path:
     ray.data.DataContext.get_current().enable_progress_bars = False
     t0 = time.perf_counter()
     extra: dict = {"config": C.to_dict(cfg)}
+    cat = catalog(cfg)
     if cfg.calibrate:
-        val, _ = score(cfg, "val", ["clean"])
+        val, _ = score(cfg, cat, "val", ["clean"])
         extra["calibration"] = E.calibration_report(val["label"], val, list(cfg.adapters), cfg.target_fpr)
         for name, fitted in extra["calibration"].items():
             update_calibration(cfg.adapters[name], fitted, fitted_by="jobs/evaluate.py")
             print(f"[calibration] {name}: T={fitted['temperature']:.3f} ECE {fitted['ece_before']:.3f} -> "
                   f"{fitted['ece_after']:.3f}; threshold at FPR {cfg.target_fpr}: "
                   f"{fitted['threshold_at_target_fpr']:.3f} (written to {cfg.adapters[name]}/manifest.json)")
-    scores, unreadable = score(cfg, cfg.split, list(cfg.perturbations))
+    scores, unreadable = score(cfg, cat, cfg.split, list(cfg.perturbations))
     if not len(scores.get("label", [])):
         raise SystemExit(f"no readable images in split {cfg.split!r} of {cfg.data.path}")
     summary = E.summarize(scores, cfg)

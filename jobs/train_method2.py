@@ -24,8 +24,8 @@ PRESET = {
 }
 
 
-def main(argv=None) -> Path:
-    return T.run(METHOD, PRESET, __doc__.splitlines()[0], argv)
+def main(argv=None, hooks=()) -> Path:
+    return T.run(METHOD, PRESET, __doc__.splitlines()[0], argv, hooks)
 
 
 if __name__ == "__main__":

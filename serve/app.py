@@ -1,5 +1,4 @@
-"""Ray Serve app: one Detector deployment (an aigd.scorer.Scorer: the base model with every adapter)
-behind a FastAPI router.
+"""Ray Serve app: one Detector deployment (serve/detector.py) behind a FastAPI router.
 
     serve run configs/serve_demo.yaml        # local; Ctrl-C stops it
     serve deploy configs/serve_7b.yaml       # onto a running cluster
@@ -9,306 +8,42 @@ and binds the deployments; the model loads inside the Detector replicas.
 """
 
 import asyncio
-import base64
-import binascii
 import functools
-import hashlib
-import hmac
-import json
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
-from fastapi import Query, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse
-from fastapi_offline import FastAPIOffline
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 
-from aigd import __version__
 from aigd import config as C
 from aigd.decision import ENSEMBLE, ensemble_answer
-from aigd.errors import (AdapterUnavailable, AigdError, BadRequest, BodyTooLarge, DeadlineExceeded, Forbidden,
-                         MemberFailed, MethodNotAllowed, NotFound, Overloaded, ReplicaLost, RequestTimeout,
-                         Unauthorized, UnknownAdapter, UnsupportedMediaType, error_body, http_status)
+from aigd.errors import (AdapterUnavailable, AigdError, DeadlineExceeded, MemberFailed, Overloaded, ReplicaLost,
+                         UnknownAdapter, error_body, http_status)
+from aigd.image_view import prepare
 from aigd.manifest import policy_for
-from aigd.prompt import prepare
-from serve.openapi import BatchAnswer, DetectAnswer, EnsembleAnswer, error_responses, image_body
+from serve.auth import api_keys, check_api_key
+from serve.detector import Detector
+from serve.http_api import error_response, image_payloads, new_api, read_body
+from serve.openapi import ROUTES, describe_deployment
 
 log = logging.getLogger("ray.serve")
 
-# redirect_slashes off: `/v1/detect/` is a JSON 404 like any unknown path, not a redirect.
-# FastAPIOffline: /docs and /redoc with Swagger UI and ReDoc served from the package, not a CDN.
-DOCS_PATHS = ("/docs", "/redoc")
-api = FastAPIOffline(title="aigd: AI-generated image detection", version=__version__, redirect_slashes=False,
-                     docs_url=DOCS_PATHS[0], redoc_url=DOCS_PATHS[1],
-                     description="P(fake) for an image from LoRA adapters on Qwen2.5-VL. Send image bytes: "
-                                 "multipart (field `image`), JSON `{\"image\": \"<base64>\"}` or a raw image body. "
-                                 "Every error is `{\"error\": {\"code\", \"message\"}}`.")
-ERRORS = error_responses()
-
-# The docs pages may load only what this server serves: ReDoc's bundle adds a logo from its CDN
-# after rendering, which an air-gapped or privacy-minded deployment must not request.
-DOCS_CSP = (b"default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
-            b"img-src 'self' data:; worker-src 'self' blob:; connect-src 'self'")
-
-
-class DocsContentSecurityPolicy:
-    """ASGI middleware: a Content-Security-Policy header on /docs and /redoc, nothing else touched."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] not in DOCS_PATHS:
-            return await self.app(scope, receive, send)
-
-        async def with_csp(message):
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), (b"content-security-policy", DOCS_CSP)]
-            await send(message)
-
-        await self.app(scope, receive, with_csp)
-
-
-api.add_middleware(DocsContentSecurityPolicy)
-
 LATENCY_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000]
-BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64]
-UNHEALTHY_AFTER = 3  # consecutive batches where every adapter failed
-
-
-def error_response(exc: BaseException, retry_after_s: int) -> JSONResponse:
-    status = http_status(exc)
-    headers = {"Retry-After": str(retry_after_s)} if status in (429, 503) else None
-    if status == 401:
-        headers = {"WWW-Authenticate": "Bearer"}
-    return JSONResponse(error_body(exc), status_code=status, headers=headers)
-
-
-@api.exception_handler(RequestValidationError)
-async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-    where = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
-    return error_response(BadRequest(where or "invalid request"), 1)
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    """Routing errors (unknown path, wrong method) in the same JSON shape as every other error."""
-    if exc.status_code == 404:
-        return error_response(NotFound(f"no endpoint {request.url.path}; see /docs"), 1)
-    if exc.status_code == 405:
-        response = error_response(MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}"), 1)
-        response.headers.update(exc.headers or {})
-        return response
-    return JSONResponse({"error": {"code": f"http_{exc.status_code}", "message": str(exc.detail)}},
-                        status_code=exc.status_code, headers=exc.headers)
-
-
-# --------------------------------------------------------------------------- model replica
 
 
 @serve.deployment
-class Detector:
-    """Base model + every adapter in one replica; requests are batched, one forward per adapter."""
-
-    def __init__(self, cfg: dict):
-        from ray.serve.metrics import Histogram
-
-        from aigd.scorer import Scorer  # here, not at the top: the router replicas never import torch
-
-        self.cfg = C.from_dict(C.ServeConfig, cfg)
-        d = self.cfg.detector
-        self.scorer = Scorer(self.cfg, on_adapter_error=d.on_adapter_error)
-        self._score.set_max_batch_size(d.max_batch_size)
-        self._score.set_batch_wait_timeout_s(d.batch_wait_timeout_s)
-        self.replica = serve.get_replica_context().replica_id.unique_id
-        self.failed_batches = 0
-        self.batch_sizes = Histogram("aigd_batch_size", description="images per model batch",
-                                     boundaries=BATCH_SIZES)
-
-    async def score(self, image: np.ndarray, adapters: tuple[str, ...]) -> dict:
-        t0 = time.perf_counter()
-        members, batch_size = await self._score((image, tuple(adapters)))
-        return {"members": members, "replica": self.replica, "batch_size": batch_size,
-                "score_ms": round((time.perf_counter() - t0) * 1000, 2)}
-
-    @serve.batch
-    async def _score(self, items: list[tuple[np.ndarray, tuple[str, ...]]]) -> list:
-        self.batch_sizes.observe(len(items))
-        # A worker thread, so health checks and /v1/models stay answered during a forward pass.
-        results = await asyncio.to_thread(self.scorer.score_requests, [a for a, _ in items],
-                                          [names for _, names in items])
-        all_failed = all(isinstance(v, Exception) for r in results for v in r.values())
-        self.failed_batches = self.failed_batches + 1 if all_failed else 0
-        return [({name: self._member(name, v) for name, v in r.items()}, len(items)) for r in results]
-
-    @staticmethod
-    def _member(name: str, value) -> dict:
-        """A member's answer (aigd.decision.member_answer), or the error body of its failure."""
-        if isinstance(value, Exception):
-            err = value if isinstance(value, AigdError) else AdapterUnavailable(f"adapter {name} failed")
-            return error_body(err)
-        return value
-
-    def info(self) -> dict:
-        return {**self.scorer.describe(), "replica": self.replica}
-
-    def check_health(self) -> None:
-        if self.failed_batches >= UNHEALTHY_AFTER:
-            raise RuntimeError(f"every adapter failed on the last {self.failed_batches} batches")
-
-
-# --------------------------------------------------------------------------- HTTP router
-
-
-async def read_body(request: Request, limits: C.RequestLimits) -> bytes:
-    """The body, under the size cap (413) and the deadlines (408): total time, the longest gap
-    between chunks and, after that first window, a minimum average rate, so a stalled or trickling
-    upload is dropped instead of held."""
-    max_bytes = int(limits.max_body_mb * 2**20)
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise BodyTooLarge(f"body of {declared} bytes exceeds the limit of {max_bytes}")
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    deadline = start + limits.body_timeout_s
-    chunks, size, stream = [], 0, request.stream()
-    while True:
-        wait = min(limits.body_idle_timeout_s, deadline - loop.time())
-        elapsed = loop.time() - start
-        try:
-            if wait <= 0 or (elapsed > limits.body_idle_timeout_s and size / elapsed < limits.body_min_kbps * 1000):
-                raise TimeoutError
-            chunk = await asyncio.wait_for(anext(stream), wait)
-        except StopAsyncIteration:
-            return b"".join(chunks)
-        except TimeoutError:
-            raise RequestTimeout(f"request body not received in time ({size} bytes after {loop.time() - start:.1f} s; "
-                                 f"limits: {limits.body_timeout_s:g} s in all, {limits.body_idle_timeout_s:g} s "
-                                 f"between chunks, {limits.body_min_kbps:g} kB/s on average)") from None
-        except ClientDisconnect:
-            raise BadRequest("client disconnected before the body was complete") from None
-        size += len(chunk)
-        if size > max_bytes:
-            raise BodyTooLarge(f"body exceeds the limit of {max_bytes} bytes")
-        chunks.append(chunk)
-
-
-def _b64(value, where: str) -> bytes:
-    if not isinstance(value, str):
-        raise BadRequest(f"{where} must be a base64 string")
-    try:
-        return base64.b64decode(value.split(",", 1)[-1] if value.startswith("data:") else value, validate=True)
-    except (binascii.Error, ValueError):
-        raise BadRequest(f"{where} is not valid base64") from None
-
-
-def json_images(body: bytes, max_images: int) -> list[bytes]:
-    """Image bytes from a JSON body; runs in a worker thread (parsing and base64 of 20 MB take a
-    while). The count is checked before anything is decoded."""
-    try:
-        doc = json.loads(body)
-    except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python's parser goes
-        raise BadRequest("body is not valid JSON") from None
-    if not isinstance(doc, dict):
-        raise BadRequest('JSON body must be an object like {"image": "<base64>"}')
-    if "url" in doc or "urls" in doc:
-        raise BadRequest("URLs are not fetched; send the image bytes (base64)")
-    if "images" in doc:
-        if not isinstance(doc["images"], list):
-            raise BadRequest("`images` must be a list of base64 strings")
-        if len(doc["images"]) > max_images:
-            raise BadRequest(f"{len(doc['images'])} images in one request; the limit is {max_images}")
-        return [_b64(v, f"images[{i}]") for i, v in enumerate(doc["images"])]
-    if "image" in doc:
-        return [_b64(doc["image"], "image")]
-    raise BadRequest('JSON body needs "image" (base64) or "images" (list of base64)')
-
-
-async def image_payloads(request: Request, body: bytes, max_images: int, cpu) -> list[bytes]:
-    """Image bytes from multipart (`image`/`file` fields), JSON base64 or a raw image body. No URLs.
-    `cpu(fn, *args)` runs CPU-heavy parsing off the event loop (the router's bounded pool)."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype == "multipart/form-data":
-        async def replay():
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        try:
-            form = await Request(request.scope, replay).form(max_files=max_images, max_part_size=len(body) + 1)
-        except Exception as e:  # malformed multipart, too many files
-            raise BadRequest(f"cannot parse multipart body: {e}") from None
-        out = [await v.read() for _, v in form.multi_items() if hasattr(v, "read")]
-    elif ctype == "application/json":
-        out = await cpu(json_images, body, max_images)
-    elif ctype.startswith("image/") or ctype in ("application/octet-stream", ""):
-        out = [body] if body else []
-    else:
-        raise UnsupportedMediaType(f"content-type {ctype!r}: send multipart/form-data, application/json or "
-                                   "the image bytes")
-    if not out:
-        raise BadRequest("no image in the request")
-    if len(out) > max_images:
-        raise BadRequest(f"{len(out)} images in one request; the limit is {max_images}")
-    return out
-
-
-def describe_deployment(schema: dict, adapters: list[str], auth: bool) -> None:
-    """What only the running config knows, added to the cached OpenAPI document: the adapter names
-    (an enum a generated client can offer) and, with API keys on, the security schemes."""
-    for path, names in (("/v1/detect", adapters), ("/v1/detect/batch", [*adapters, ENSEMBLE])):
-        for param in schema["paths"][path]["post"].get("parameters", []):
-            if param["name"] == "adapter":
-                param["schema"]["enum"] = names
-    if auth:
-        schema.setdefault("components", {})["securitySchemes"] = {
-            "bearer": {"type": "http", "scheme": "bearer"},
-            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}
-        for path, ops in schema["paths"].items():
-            if path.startswith("/v1/"):
-                for op in ops.values():
-                    op["security"] = [{"bearer": []}, {"apiKey": []}]
-
-
-def api_keys(auth: C.AuthConfig) -> list[bytes]:
-    keys = os.environ.get(auth.keys_env, "").split(",")
-    if auth.keys_file:
-        path = Path(auth.keys_file).expanduser()
-        if not path.is_file():
-            raise C.ConfigError(f"auth.keys_file {path} does not exist on this node")
-        keys += path.read_text().splitlines()
-    keys = [hashlib.sha256(k.strip().encode()).digest() for k in keys if k.strip()]
-    if auth.enabled and not keys:
-        raise C.ConfigError(f"auth.enabled but no API key in ${auth.keys_env}"
-                            + (f" or {auth.keys_file}" if auth.keys_file else ""))
-    return keys
-
-
-def check_api_key(request: Request, keys: list[bytes]) -> None:
-    """401 without a key, 403 with a wrong one; every configured key is compared (constant time)."""
-    given = request.headers.get("x-api-key")
-    bearer = request.headers.get("authorization", "")
-    if given is None and bearer[:7].lower() == "bearer ":
-        given = bearer[7:].strip()
-    if not given:
-        raise Unauthorized("API key required: send `Authorization: Bearer <key>` or `X-API-Key: <key>`")
-    presented = hashlib.sha256(given.encode("utf-8", "replace")).digest()  # equal lengths: no length leak
-    accepted = False
-    for key in keys:
-        accepted |= hmac.compare_digest(presented, key)
-    if not accepted:
-        raise Forbidden("API key not accepted")
-
-
-@serve.deployment
-@serve.ingress(api)
+@serve.ingress()
 class Router:
+    """The HTTP front: access, body limits, admission and errors, then the Detector's answers.
+
+    serve.ingress() takes no app: each instance builds its own in __serve_build_asgi_app__, so the
+    OpenAPI document names this deployment's adapters and auth even beside another app's Router in
+    one process."""
+
     def __init__(self, detector: DeploymentHandle, cfg: dict):
         from ray.serve.metrics import Counter, Histogram
 
@@ -317,7 +52,6 @@ class Router:
         self.policy = policy_for(self.cfg)
         self.keys = api_keys(self.cfg.auth) if self.cfg.auth.enabled else []
         self.ensemble_members = list(self.cfg.ensemble.members or self.cfg.adapters)
-        describe_deployment(api.openapi(), sorted(self.cfg.adapters), self.cfg.auth.enabled)
         self.in_flight = 0
         # The replica's CPU budget for request work (JSON/base64 parsing, image decoding): a few
         # threads, so the event loop keeps answering, memory stays bounded, and work a cancelled
@@ -418,10 +152,18 @@ class Router:
         self.verdicts.inc(tags={"adapter": ENSEMBLE, "label": answer["label"]})
         return {**answer, "timing": timing}
 
+    # ---- the app: this instance's routes (paths and docs: serve/openapi.py) and OpenAPI document
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        api = new_api()
+        for name, (method, path, docs) in ROUTES.items():
+            api.add_api_route(path, getattr(self, name), methods=[method], **docs)
+        # FastAPI serves the document it cached on this app, which no other Router shares.
+        describe_deployment(api.openapi(), sorted(self.cfg.adapters), self.cfg.auth.enabled)
+        return api
+
     # ---- endpoints
 
-    @api.post("/v1/detect", summary="P(fake) from one adapter", responses={200: {"model": DetectAnswer}, **ERRORS},
-              openapi_extra=image_body(batch=False))
     async def detect(self, request: Request, adapter: str = Query(..., description="adapter name, e.g. method1")):
         async def work(body: bytes):
             self._check_adapter(adapter)
@@ -429,16 +171,12 @@ class Router:
 
         return await self._answer(request, "detect", adapter, work)
 
-    @api.post("/v1/ensemble", summary="P(fake) from every ensemble member, combined",
-              responses={200: {"model": EnsembleAnswer}, **ERRORS}, openapi_extra=image_body(batch=False))
     async def ensemble(self, request: Request):
         async def work(body: bytes):
             return await self._ensemble_one((await image_payloads(request, body, 1, self._cpu))[0])
 
         return await self._answer(request, "ensemble", ENSEMBLE, work)
 
-    @api.post("/v1/detect/batch", summary="several images; adapter=NAME or ensemble; errors per image",
-              responses={200: {"model": BatchAnswer}, **ERRORS}, openapi_extra=image_body(batch=True))
     async def detect_batch(self, request: Request, adapter: str = Query("ensemble")):
         async def one(data: bytes) -> dict:
             """An image's answer or its own error: one bad image never fails the others."""
@@ -461,9 +199,6 @@ class Router:
 
         return await self._answer(request, "detect_batch", adapter, work)
 
-    @api.get("/v1/models", summary="the base, the loaded adapters (versions, thresholds) and the ensemble",
-             responses={200: {"content": {"application/json": {"schema": {"type": "object"}}}},
-                        **error_responses(401, 403, 503)})
     async def models(self, request: Request):
         async def work(_: bytes):
             info = await self.detector.info.remote()
@@ -471,13 +206,9 @@ class Router:
 
         return await self._answer(request, "models", "", work, body=False)
 
-    @api.get("/healthz", summary="the router is up")
     async def healthz(self):
         return {"status": "ok"}
 
-    @api.get("/readyz", summary="a model replica answers and its adapters are loaded",
-             responses={200: {"content": {"application/json": {"schema": {"type": "object"}}}},
-                        **error_responses(503)})
     async def readyz(self):
         try:
             info = await asyncio.wait_for(self.detector.info.remote(), timeout=5)
@@ -507,12 +238,7 @@ def deployment_options(cfg: C.ServeConfig) -> tuple[dict, dict]:
 
 def build_app(args: dict):
     """Serve's application builder: `import_path: serve.app:build_app`, the ServeConfig as `args`."""
-    cfg = C.from_dict(C.ServeConfig, dict(args))
-    if not cfg.adapters:
-        raise C.ConfigError("adapters: name at least one exported adapter folder")
-    unknown = set(cfg.ensemble.members) - set(cfg.adapters)
-    if unknown:
-        raise C.ConfigError(f"ensemble.members {sorted(unknown)} are not in adapters")
+    cfg = C.from_dict(C.ServeConfig, dict(args))  # ServeConfig.validate: adapters, ensemble members
     raw = C.to_dict(cfg)  # expanded, validated, plain data for the replicas
     det_opts, router_opts = deployment_options(cfg)
     return Router.options(**router_opts).bind(Detector.options(**det_opts).bind(raw), raw)

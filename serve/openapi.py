@@ -1,6 +1,7 @@
 """The API's contract for generated clients: request bodies (three ways to send an image), the
-answers' schemas and every error status with the one error shape. Documentation only: the
-handlers return JSONResponse themselves and the tests check the answers against these schemas."""
+answers' schemas, every error status with the one error shape, and what a deployment's config
+adds (its adapters, its auth). Documentation only: the handlers return JSONResponse themselves
+and the tests check the answers against these schemas."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from aigd.decision import ENSEMBLE
 from aigd.errors import HTTP_STATUS
 
 
@@ -115,3 +117,44 @@ def error_responses(*statuses: int) -> dict:
     every = {s for s in HTTP_STATUS.values() if s < 500 and s != 405} | {503}  # 405: the router's, not a route's
     codes = sorted(statuses or every)
     return {c: {"model": ErrorBody, "description": described.get(c, "error")} for c in codes}
+
+
+def describe_deployment(schema: dict, adapters: list[str], auth: bool) -> None:
+    """What only the running config knows, added to one app's OpenAPI document: the adapter names
+    (an enum a generated client can offer) and, with API keys on, the security schemes."""
+    for path, names in (("/v1/detect", adapters), ("/v1/detect/batch", [*adapters, ENSEMBLE])):
+        for param in schema["paths"][path]["post"].get("parameters", []):
+            if param["name"] == "adapter":
+                param["schema"]["enum"] = names
+    if auth:
+        schema.setdefault("components", {})["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer"},
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}
+        for path, ops in schema["paths"].items():
+            if path.startswith("/v1/"):
+                for op in ops.values():
+                    op["security"] = [{"bearer": []}, {"apiKey": []}]
+
+
+_ERRORS = error_responses()
+_ANY_JSON = {"content": {"application/json": {"schema": {"type": "object"}}}}
+
+# The Router's endpoints, by method name: (HTTP method, path, what the docs say about it).
+ROUTES = {
+    "detect": ("POST", "/v1/detect", dict(
+        summary="P(fake) from one adapter", responses={200: {"model": DetectAnswer}, **_ERRORS},
+        openapi_extra=image_body(batch=False))),
+    "ensemble": ("POST", "/v1/ensemble", dict(
+        summary="P(fake) from every ensemble member, combined", responses={200: {"model": EnsembleAnswer}, **_ERRORS},
+        openapi_extra=image_body(batch=False))),
+    "detect_batch": ("POST", "/v1/detect/batch", dict(
+        summary="several images; adapter=NAME or ensemble; errors per image",
+        responses={200: {"model": BatchAnswer}, **_ERRORS}, openapi_extra=image_body(batch=True))),
+    "models": ("GET", "/v1/models", dict(
+        summary="the base, the loaded adapters (versions, thresholds) and the ensemble",
+        responses={200: _ANY_JSON, **error_responses(401, 403, 503)})),
+    "healthz": ("GET", "/healthz", dict(summary="the router is up")),
+    "readyz": ("GET", "/readyz", dict(
+        summary="a model replica answers and its adapters are loaded",
+        responses={200: _ANY_JSON, **error_responses(503)})),
+}

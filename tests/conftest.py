@@ -44,7 +44,7 @@ def home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(home) -> Path:
-    from aigd.tiny_model import build_tiny_model
+    from aigd.dev.tiny_model import build_tiny_model
 
     return build_tiny_model(home / "tiny-qwen2.5-vl", seed=0)
 
@@ -52,7 +52,7 @@ def tiny_model(home) -> Path:
 @pytest.fixture(scope="session")
 def demo_data(home) -> Path:
     from aigd.config import DemoDataConfig
-    from aigd.demo_data import write_demo_data
+    from aigd.dev.demo_data import write_demo_data
 
     return write_demo_data(DemoDataConfig(out_dir=str(home / "demo-data"), zoo=small_zoo(), **SMALL_DEMO))
 

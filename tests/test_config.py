@@ -25,7 +25,8 @@ def test_wrong_type_is_an_error_naming_the_key(tmp_path):
 
 def test_dotted_overrides_and_env_expansion(monkeypatch):
     monkeypatch.setenv("AIGD_HOME", "/data/x")
-    cfg = C.load(C.TrainJobConfig, ROOT / "configs/method2.yaml", ["optim.lr=1e-4", "augment.jpeg_quality=[60, 90]"])
+    cfg = C.load(C.TrainJobConfig, ROOT / "configs/method2.yaml", ["optim.lr=1e-4", "augment.jpeg_quality=[60, 90]"],
+                 base=_recipe("method2").PRESET)
     assert cfg.optim.lr == 1e-4 and cfg.augment.jpeg_quality == (60, 90)
     assert cfg.run.export_dir == "/data/x/adapters/method2"
     with pytest.raises(C.ConfigError, match="a.b=value"):
@@ -52,6 +53,37 @@ def test_every_shipped_config_loads_and_names_its_command(path):
     else:
         C.load(cls, path)
     assert ("jobs/" in header or "serve " in header or "aigd " in header)
+
+
+@pytest.mark.parametrize("method", ["method1", "method2"])
+def test_a_methods_preset_is_stated_once_in_its_recipe(method):
+    """The YAMLs set what differs for their setting; loss, schedule and the rest come from PRESET."""
+    import yaml
+
+    def leaves(d, prefix=""):
+        for k, v in d.items():
+            yield from leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
+
+    preset = dict(leaves(_recipe(method).PRESET))
+    for path in (ROOT / "configs").glob(f"*{method}.yaml"):
+        restated = {k for k, v in leaves(yaml.safe_load(path.read_text())) if preset.get(k, object()) == v}
+        assert not restated, f"{path.name} restates the preset's {sorted(restated)}"
+    cfg = C.load(C.TrainJobConfig, ROOT / f"configs/{method}.yaml", base=_recipe(method).PRESET)
+    want = {"method1": ("ce", "linear", 1, False), "method2": ("focal", "cosine", 2, True)}[method]
+    assert (cfg.optim.loss, cfg.optim.scheduler, cfg.optim.epochs, cfg.augment.enabled) == want
+
+
+def test_rules_across_fields_are_checked_when_a_config_loads():
+    with pytest.raises(C.ConfigError, match="cache_preprocessed"):
+        C.load(C.TrainJobConfig, None, ["data.cache_preprocessed=true", "augment.enabled=true"])
+    with pytest.raises(C.ConfigError, match="name at least one"):
+        C.from_dict(C.ServeConfig, {})
+    with pytest.raises(C.ConfigError, match=r"ensemble.members \['c'\]"):
+        C.from_dict(C.ServeConfig, {"adapters": {"a": "x"}, "ensemble": {"members": ["a", "c"]}})
+    with pytest.raises(C.ConfigError, match="blur_3"):
+        C.from_dict(C.EvalConfig, {"adapters": {"a": "x"}, "perturbations": ["clean", "blur_3"]})
+    with pytest.raises(C.ConfigError, match="must include clean"):
+        C.from_dict(C.EvalConfig, {"adapters": {"a": "x"}, "perturbations": ["jpeg_q50"]})
 
 
 def _recipe(name: str):
@@ -103,11 +135,13 @@ def test_nested_env_defaults(monkeypatch):
 
 
 def test_the_configuration_reference_is_generated_from_the_dataclasses():
-    from aigd.config_reference import render
+    from aigd.config_reference import missing, render
 
     text = render()
     assert (ROOT / "docs" / "config.md").read_text() == text, \
         "docs/config.md is stale: .venv/bin/python -m aigd.config_reference > docs/config.md"
+    gaps = missing()
+    assert not gaps, f"{len(gaps)} keys without a meaning (a # comment on their field in aigd/config.py): {gaps}"
     for key in ("`optim.focal_alpha`", "`request.body_timeout_s`", "`auth.keys_file`", "`limits.max_jpeg_scans`",
                 "`perturbations`", "`rows_per_class`"):
         assert key in text, key

@@ -41,7 +41,7 @@ def test_no_size_aspect_or_format_shortcut(demo_data):
 
 def test_deterministic(tmp_path, demo_data):
     from aigd.config import DemoDataConfig
-    from aigd.demo_data import write_demo_data
+    from aigd.dev.demo_data import write_demo_data
 
     again = write_demo_data(DemoDataConfig(out_dir=str(tmp_path / "again"), zoo=small_zoo(), **SMALL_DEMO))
     a = pq.read_table(sorted((demo_data / "data").glob("*.parquet"))[0])
@@ -69,9 +69,9 @@ def _unreadable(rows) -> set:
 
 
 def test_generators_never_see_a_val_or_test_photo(tmp_path, monkeypatch):
-    from aigd import zoo
+    from aigd.dev import zoo
     from aigd.config import DataConfig, DemoDataConfig
-    from aigd.demo_data import source_photos, write_demo_data
+    from aigd.dev.demo_data import source_photos, write_demo_data
     from aigd.sampling import assign_split, unit_hash
 
     seen = {}
@@ -96,7 +96,7 @@ def test_generators_never_see_a_val_or_test_photo(tmp_path, monkeypatch):
 
 def test_a_second_run_reuses_the_data_and_the_trained_weights(tmp_path, demo_data):
     from aigd.config import DemoDataConfig
-    from aigd.demo_data import write_demo_data
+    from aigd.dev.demo_data import write_demo_data
 
     cfg = DemoDataConfig(out_dir=str(demo_data), zoo=small_zoo(), **SMALL_DEMO)
     said = []

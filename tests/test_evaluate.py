@@ -12,7 +12,7 @@ from PIL import Image
 
 from aigd import config as C
 from aigd import report as R
-from aigd import robustness as E
+from aigd import evaluation as E
 from conftest import SERVE_POLICY, calibration
 
 
@@ -41,7 +41,7 @@ def test_perturbations_apply_what_they_name():
     assert eq.size == (120, 120) and eq.format == "JPEG" and eq.quantization == _quant_tables(95, img.crop((20, 0, 140, 120)))
     assert E.perturb(img, "clean") is img
     with pytest.raises(ValueError, match="unknown perturbation"):
-        E.check_perturbation("blur_3")
+        E.perturb(img, "blur_3")
 
 
 def _scores(n=400, scale=6.0, seed=0):
@@ -209,8 +209,7 @@ def test_evaluate_job_scores_the_test_split_and_writes_the_report(tmp_path, tiny
 
 def _test_counts(demo_data):
     from aigd.config import DataConfig
-    from aigd.sampling import class_counts
-    from aigd.sources import metadata
+    from aigd.sampling import Catalog
 
     cfg = DataConfig(source="sid_parquet", path=str(demo_data), min_width=112, split_group_sep="/")
-    return class_counts(cfg, metadata(cfg))["test"]
+    return Catalog.read(cfg).counts()["test"]

@@ -1,8 +1,6 @@
 """Safe decoding: content sniffing, header-only pixel cap, EXIF orientation, every mode to RGB."""
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -10,28 +8,13 @@ from PIL import Image
 
 from aigd.errors import CorruptImage, ImageRejected, ImageTooLarge, UnsupportedMediaType, http_status
 from aigd.config import DecodeLimits
+from aigd.dev.demo_data import png_header_bomb
 from aigd.images import decode
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def _png_header_only(w: int, h: int) -> bytes:
-    """A PNG that declares w x h pixels but carries almost no pixel data."""
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-            + _chunk(b"IEND", b""))
-
-
-def _bytes(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kw)
-    return buf.getvalue()
+from helpers import image_bytes as _bytes
 
 
 def test_declared_30000_squared_png_is_refused_from_the_header():
-    data = _png_header_only(30000, 30000)
+    data = png_header_bomb(30000)
     assert len(data) < 300
     with pytest.raises(ImageTooLarge) as e:
         decode(data)
@@ -90,7 +73,7 @@ def test_hostile_inputs_inside_the_byte_caps_get_their_documented_answer(name):
 
     from aigd.config import ImagePolicy
     from aigd.errors import AigdError
-    from aigd.prompt import prepare, target_size
+    from aigd.image_view import prepare, target_size
 
     make, expected = CASES[name]
     data = make()
@@ -109,7 +92,7 @@ def test_decoding_at_the_policy_size_matches_a_full_decode_closely():
     """The reduced decode (JPEG DCT scaling, box reduction) is what the model sees everywhere; it must
     stay close to resizing the full-size image."""
     from aigd.config import ImagePolicy
-    from aigd.prompt import prepare, prepare_image
+    from aigd.image_view import prepare, prepare_image
 
     rng = np.random.default_rng(1)
     img = Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).resize((1600, 1200),
@@ -131,4 +114,4 @@ def test_image_limits_name_the_format_cap():
     with pytest.raises(ImageTooLarge, match="JPEG"):
         decode(data, DecodeLimits(max_jpeg_pixels=20_000_000))
     with pytest.raises(ImageTooLarge, match="PNG"):
-        decode(_png_header_only(5000, 4000))  # 20 MP: above the 16.7 MP full-decode cap
+        decode(png_header_bomb(4500))  # 20.25 MP: above the 16.7 MP full-decode cap

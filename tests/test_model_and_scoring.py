@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from aigd import batching, prompt, scoring
+from aigd import batching, forward, image_view, prompt
 from aigd.config import ImagePolicy, LoraConfig, ModelConfig
 from aigd.decision import p_fake
 
@@ -20,7 +20,7 @@ def _images(seed=0):
 
 def _p(model, batch, ids, temperature=1.0):
     with torch.no_grad():
-        return p_fake(scoring.pair_logits(scoring.answer_logits(model, batch), ids).numpy(), temperature)
+        return p_fake(forward.pair_logits(forward.answer_logits(model, batch), ids).numpy(), temperature)
 
 
 def test_tiny_model_loads_offline_with_auto_classes(tiny_model, monkeypatch):
@@ -48,7 +48,7 @@ def test_score_equals_hand_computation_on_logits(tiny_model, processor):
     img = _images()[0]
     batch = batching.model_batch(processor, [img], POLICY)
     with torch.no_grad():
-        inputs = {k: batch[k] for k in scoring.MODEL_INPUTS}
+        inputs = {k: batch[k] for k in forward.MODEL_INPUTS}
         inputs["pixel_values"] = batching.normalize_pixels(batch["pixel_values"], batch["pixel_affine"])
         full = model(**inputs).logits[0, -1]
     z_real, z_fake = full[ids[0]].item(), full[ids[1]].item()
@@ -83,7 +83,7 @@ def test_left_padded_batch_scores_like_single_images(tiny_model, processor):
 
 
 def test_uint8_patches_normalised_at_the_model_equal_the_processors_floats(processor):
-    imgs = [prompt.prepare_image(Image.fromarray(im), POLICY) for im in _images(1)]
+    imgs = [image_view.prepare_image(Image.fromarray(im), POLICY) for im in _images(1)]
     text = prompt.prompt_text(processor, POLICY)
     want = processor(text=[text] * len(imgs), images=[Image.fromarray(im) for im in imgs], return_tensors="pt",
                      padding=True, padding_side="left")
@@ -96,10 +96,10 @@ def test_uint8_patches_normalised_at_the_model_equal_the_processors_floats(proce
 
 
 def test_image_policy_keeps_aspect_on_the_28px_grid():
-    assert prompt.target_size(1024, 768, ImagePolicy(max_pixels=512 * 512)) == (588, 420)
-    w, h = prompt.target_size(1024, 1024, ImagePolicy(max_pixels=512 * 512))
+    assert image_view.target_size(1024, 768, ImagePolicy(max_pixels=512 * 512)) == (588, 420)
+    w, h = image_view.target_size(1024, 1024, ImagePolicy(max_pixels=512 * 512))
     assert w == h and w % 28 == 0 and w * h <= 512 * 512
-    assert prompt.target_size(112, 140, POLICY) == (112, 140)  # on-grid, in budget: untouched
+    assert image_view.target_size(112, 140, POLICY) == (112, 140)  # on-grid, in budget: untouched
     with pytest.raises(ValueError, match="prepared"):  # the model only ever sees policy-sized images
         batching.encode(None, [np.zeros((100, 100, 3), np.uint8)], POLICY)
 
@@ -122,23 +122,23 @@ def test_tiny_base_answers_real_or_fake_but_knows_neither(tiny_model, processor,
     from transformers import AutoModelForImageTextToText
 
     from aigd.config import DataConfig, DecodeLimits
-    from aigd.sampling import select_rows
+    from aigd.sampling import Catalog
     from aigd.metrics import roc_auc
 
     model = AutoModelForImageTextToText.from_pretrained(tiny_model).eval()
     ids = prompt.label_token_ids(processor.tokenizer)
     cfg = DataConfig(source="sid_parquet", path=str(demo_data), min_width=112, split_group_sep="/")
     table = pq.ParquetDataset(sorted(str(p) for p in (demo_data / "data").glob("*.parquet"))).read()
-    rows = select_rows(table, cfg, "all").to_pylist()[:120]
+    rows = Catalog.of(cfg, table).select("all").to_pylist()[:120]
     images, labels = [], []
     for r in rows:
         try:
-            images.append(prompt.prepare(r["image"]["bytes"], DecodeLimits(), POLICY))
+            images.append(image_view.prepare(r["image"]["bytes"], DecodeLimits(), POLICY))
             labels.append(r["label"])
         except Exception:
             continue  # the demo's truncated JPEGs
     with torch.no_grad():
-        logits = torch.cat([scoring.answer_logits(model, batching.model_batch(processor, images[i:i + 16], POLICY))
+        logits = torch.cat([forward.answer_logits(model, batching.model_batch(processor, images[i:i + 16], POLICY))
                             for i in range(0, len(images), 16)])
     probs = torch.softmax(logits, -1)
     mass = probs[:, list(ids)].sum(-1)

@@ -8,7 +8,11 @@ import json
 
 import pytest
 
-from test_serve import _bytes, _config, _free_port, _photo, _post
+from helpers import free_port as _free_port
+from helpers import image_bytes as _bytes
+from helpers import photo as _photo
+from helpers import post_image as _post
+from helpers import serve_config as _config
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import numpy as np
 from aigd import config as C
 from aigd import metrics as M
 from aigd import report as R
-from aigd import robustness as E
+from aigd import evaluation as E
 
 PERTS = ["clean", "jpeg_q50"]
 

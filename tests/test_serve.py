@@ -6,40 +6,23 @@ import base64
 import io
 import json
 import socket
-import struct
-import zlib
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 from PIL import Image, ImageOps
 
+from aigd.dev.demo_data import png_header_bomb
 from conftest import SERVE_POLICY
+from helpers import free_port as _free_port
+from helpers import image_bytes as _bytes
+from helpers import photo as _photo
+from helpers import pids_by_cmdline
+from helpers import post_image as _post
+from helpers import serve_config as _config
 
 pytestmark = pytest.mark.timeout(900)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _config(tiny_model, adapters: dict, **changes) -> dict:
-    cfg = {
-        "model": {"name_or_path": str(tiny_model), "load_in_4bit": False, "gradient_checkpointing": False},
-        "image": dict(SERVE_POLICY),
-        "adapters": {k: str(v) for k, v in adapters.items()},
-        "limits": {"min_side": 28, "max_aspect": 50.0},
-        "request": {"max_body_mb": 1.0, "body_idle_timeout_s": 2.0},
-        "detector": {"num_cpus": 0.1, "max_batch_size": 8, "batch_wait_timeout_s": 0.05},
-        "router": {"num_cpus": 0.05},
-    }
-    for key, value in changes.items():
-        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
-    return cfg
 
 
 API_KEY = "test-key-0123456789"
@@ -89,26 +72,10 @@ def library(tiny_model, adapters):
                                 adapters={k: str(adapters[k]) for k in ("method1", "method2")}))
 
 
-def _photo(seed: int, size=(150, 120)) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 255, (size[1] // 10 + 1, size[0] // 10 + 1, 3), dtype=np.uint8)
-    return Image.fromarray(base).resize(size, Image.Resampling.BICUBIC)
-
-
-def _bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
-
 def _library_p(library, data: bytes, adapter: str) -> float:
     from aigd.config import DecodeLimits
 
     return float(library.p_fake([library.prepare(data, DecodeLimits())], adapter)[0])
-
-
-def _post(url: str, data: bytes, **kw) -> requests.Response:
-    return requests.post(url, files={"image": ("x.bin", data)}, timeout=60, **kw)
 
 
 def test_detect_equals_library_scoring_per_adapter(server, library):
@@ -156,15 +123,6 @@ def test_batched_and_unbatched_answers_agree(server):
     assert [x["p_fake"] for x in batch["results"]] == pytest.approx(single, abs=1e-5)
 
 
-def _png_bomb(width=30000, height=30000) -> bytes:
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 4096, 9))
-            + chunk(b"IEND", b""))
-
-
 def _exif_rotated() -> tuple[bytes, bytes]:
     img = _photo(5, size=(160, 112))
     exif = Image.Exif()
@@ -193,7 +151,7 @@ def test_input_rules_answer_documented_statuses_with_json_and_keep_the_replica(s
     rgba = _photo(3).convert("RGBA")
     rgba.putalpha(128)
     cases = [
-        ("png bomb 30000x30000", _png_bomb(), 422, "image_too_large"),
+        ("png bomb 30000x30000", png_header_bomb(), 422, "image_too_large"),
         ("truncated jpeg", jpeg[: len(jpeg) // 2], 422, "corrupt_image"),
         ("random bytes", np.random.default_rng(0).bytes(2000), 415, "unsupported_media_type"),
         ("too small", _bytes(_photo(4, size=(12, 12))), 422, "image_rejected"),
@@ -431,14 +389,7 @@ def test_api_keys(server):
 
 
 def _replica_pids(app: str) -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and f"ServeReplica:{app}:Detector".encode() in (proc / "cmdline").read_bytes():
-                pids.append(int(proc.name))
-        except OSError:
-            continue
-    return pids
+    return pids_by_cmdline(f"ServeReplica:{app}:Detector")
 
 
 def test_sigkill_of_a_model_replica_under_load(server):

@@ -9,16 +9,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from aigd import checkpoint as K
 from aigd import config as C
 from aigd import loop as L
 from aigd import train as T
+from aigd import validation as V
 from aigd.batching import collate, encode, pixel_affine
 from aigd.config import ImagePolicy, LoraConfig, ModelConfig, OptimConfig
+from aigd.dev.faults import FailAtStep
 from aigd.losses import binary_focal
 from aigd.model import load_for_training
+from aigd.forward import answer_logits, pair_logits
 from aigd.prompt import label_token_ids
-from aigd.scoring import answer_logits, pair_logits
 from conftest import corrupt_by_split
+from helpers import pids_by_cmdline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,6 +79,26 @@ def _latest(storage: Path) -> Path:
 ONE_WORKER = ("scaling.num_workers=1", "scaling.cpus_per_worker=1.0", "optim.epochs=2")
 
 
+def test_a_training_job_reads_the_metadata_once(tiny_model, demo_data, tmp_path, ray_local, monkeypatch):
+    """Planning (counts, each epoch's balance, the val subset) and building every dataset of a
+    2-epoch Method 2 job open the source's metadata once; the datasets come from the plan's catalog."""
+    import pyarrow.parquet as pq
+
+    import train_method2
+    from aigd import sources
+
+    reads = []
+    real = pq.ParquetDataset
+    monkeypatch.setattr(sources.pq, "ParquetDataset", lambda *a, **k: reads.append(1) or real(*a, **k))
+    cfg = T.load_config("test", train_method2.PRESET,
+                        _args(tiny_model, demo_data, tmp_path, "reads", "optim.epochs=2", "optim.eval_samples=20",
+                              config="configs/demo_method2.yaml"))
+    cfg, plan = T.plan_data(cfg)
+    datasets = T.make_datasets(cfg, plan)
+    assert sorted(datasets) == ["train_0", "train_1", "val", "val_full"] and len(reads) == 1
+    assert plan.balance[0] != plan.balance[1] and plan.val_subset is not None
+
+
 @pytest.fixture(scope="module")
 def straight(tiny_model, demo_data, tmp_path_factory, ray_local) -> tuple[Path, Path]:
     """An uninterrupted 1-worker Method 1 run: (exported adapter, its final checkpoint)."""
@@ -113,8 +137,8 @@ def test_resume_after_a_crash_gives_bit_identical_adapter(tiny_model, demo_data,
     steps = json.loads((straight / "loop_state.json").read_text())["global_step"] // 2
     # crash one step into epoch 2, with no retries: the run fails after its epoch-1 checkpoint
     with pytest.raises(Exception, match="injected failure"):
-        train_method1.main(_args(tiny_model, demo_data, tmp_path, "resumed", *ONE_WORKER,
-                                 f"optim.fail_at_step={steps + 1}", "run.max_failures=0"))
+        train_method1.main(_args(tiny_model, demo_data, tmp_path, "resumed", *ONE_WORKER, "run.max_failures=0"),
+                           hooks=[FailAtStep(steps + 1)])
     # the same job name and storage path resumes from that checkpoint
     train_method1.main(_args(tiny_model, demo_data, tmp_path, "resumed", *ONE_WORKER))
     resumed = _latest(tmp_path / "runs" / "resumed")
@@ -122,18 +146,6 @@ def test_resume_after_a_crash_gives_bit_identical_adapter(tiny_model, demo_data,
     sa = torch.load(straight / "training_state.pt", weights_only=True)
     sb = torch.load(resumed / "training_state.pt", weights_only=True)
     assert sa["scheduler"] == sb["scheduler"]
-
-
-def _train_worker_pids() -> list[int]:
-    """Ray Train worker processes on this machine, by the process title Ray gives them."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and b"RayTrainWorker" in (proc / "cmdline").read_bytes():
-                pids.append(int(proc.name))
-        except OSError:
-            continue
-    return pids
 
 
 def test_sigkill_of_a_train_worker_mid_epoch_restarts_from_the_checkpoint(tiny_model, demo_data, tmp_path,
@@ -152,9 +164,9 @@ def test_sigkill_of_a_train_worker_mid_epoch_restarts_from_the_checkpoint(tiny_m
     def killer():
         deadline = time.time() + 300
         while time.time() < deadline and not killed:
-            if any((c / L.COMPLETE).exists() for c in runs.glob("checkpoint_*")):
+            if any((c / K.COMPLETE).exists() for c in runs.glob("checkpoint_*")):
                 time.sleep(1.0)  # let Ray finish copying and registering it; epoch 2 is under way
-                for pid in _train_worker_pids():
+                for pid in pids_by_cmdline("RayTrainWorker"):
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
             time.sleep(0.05)
@@ -178,29 +190,30 @@ def test_sigkill_while_writing_a_checkpoint_resumes_from_the_last_complete_one(t
     import train_method1
 
     steps = json.loads((straight[1] / "loop_state.json").read_text())["global_step"]
-    train_method1.main(_args(tiny_model, demo_data, tmp_path, "torn", *ONE_WORKER, "run.max_failures=1",
-                             f"optim.fail_at_step={steps}", "optim.fail_with=sigkill_in_checkpoint"))
+    train_method1.main(_args(tiny_model, demo_data, tmp_path, "torn", *ONE_WORKER, "run.max_failures=1"),
+                       hooks=[FailAtStep(steps, "sigkill_in_checkpoint")])
     ckpts = sorted(p for p in (tmp_path / "runs" / "torn").glob("checkpoint_*") if p.is_dir())
     for c in ckpts:
-        L.check_complete(c)  # raises on a half-written one
+        K.check_complete(c)  # raises on a half-written one
     assert _same_weights(straight[1], _latest(tmp_path / "runs" / "torn"))
     # and a half-written folder is refused with a clear error, never loaded
     torn = tmp_path / "half"
     torn.mkdir()
     (torn / "trainable.safetensors").write_bytes((straight[1] / "trainable.safetensors").read_bytes())
-    with pytest.raises(L.IncompleteCheckpoint, match="mid-write"):
-        L.check_complete(torn)
-    (torn / L.COMPLETE).write_text((straight[1] / L.COMPLETE).read_text())
-    with pytest.raises(L.IncompleteCheckpoint, match="missing or truncated"):
-        L.check_complete(torn)
+    with pytest.raises(K.IncompleteCheckpoint, match="mid-write"):
+        K.check_complete(torn)
+    (torn / K.COMPLETE).write_text((straight[1] / K.COMPLETE).read_text())
+    with pytest.raises(K.IncompleteCheckpoint, match="missing or truncated"):
+        K.check_complete(torn)
 
 
 def test_two_workers_restart_from_checkpoint_after_worker_failure(tiny_model, demo_data, tmp_path, ray_local):
     import train_method2
 
     out = train_method2.main(_args(tiny_model, demo_data, tmp_path, "faulty", "optim.epochs=2",
-                                   "optim.eval_every_samples=80", "optim.fail_at_step=8", "run.max_failures=1",
-                                   "optim.eval_samples=20", config="configs/demo_method2.yaml"))
+                                   "optim.eval_every_samples=80", "run.max_failures=1",
+                                   "optim.eval_samples=20", config="configs/demo_method2.yaml"),
+                             hooks=[FailAtStep(8)])
     last = json.loads((_latest(tmp_path / "runs" / "faulty") / "loop_state.json").read_text())
     plan_steps = last["global_step"]
     assert last["epoch"] == 2 and plan_steps > 8  # finished both epochs after the restart
@@ -260,7 +273,7 @@ def _gather_worker(rank: int, world: int, port: int, out) -> None:
     real = dist.all_gather
     dist.all_gather = lambda tensors, t, *a, **k: (seen.append(t.device.type), real(tensors, t, *a, **k))[1]
     rows = np.column_stack([np.arange(rank, 7, world) * 1.0, np.full((len(range(rank, 7, world)), 3), rank)])
-    got = L.merge_shares(L.gather_rows(rows, world))
+    got = V.merge_shares(V.gather_rows(rows, world))
     out.put((rank, got[:, 0].tolist(), sorted(set(seen))))
     dist.destroy_process_group()
 
@@ -300,17 +313,17 @@ def test_sharded_validation_equals_the_unsharded_result(tiny_model, monkeypatch)
         rows["label"] = [b % 2, 1, 0]
         batches.append(collate(rows, proc.tokenizer.pad_token_id, pixel_affine(proc)))
     amp = contextlib.nullcontext()
-    whole = L.validate(model, batches, ids, rank=0, world=1, amp=amp)
+    whole = V.validate(model, batches, ids, rank=0, world=1, amp=amp)
     shares = []
 
     def keep_own_share(rows, world):  # what each rank contributes to the gather
         shares.append(rows)
         return [rows]
 
-    monkeypatch.setattr(L, "gather_rows", keep_own_share)
+    monkeypatch.setattr(V, "gather_rows", keep_own_share)
     for rank in (0, 1):
-        L.validate(model, batches, ids, rank=rank, world=2, amp=amp)
-    merged = L.merge_shares([shares[0], shares[1]])
+        V.validate(model, batches, ids, rank=rank, world=2, amp=amp)
+    merged = V.merge_shares([shares[0], shares[1]])
     assert len(shares[0]) == 9 and len(shares[1]) == 6
     np.testing.assert_array_equal(merged[:, 1:3], whole["pair_logits"])
     np.testing.assert_array_equal(merged[:, 3], whole["labels"])

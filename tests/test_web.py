@@ -15,7 +15,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from test_serve import _bytes, _config, _free_port, _photo
+from helpers import free_port as _free_port
+from helpers import image_bytes as _bytes
+from helpers import photo as _photo
+from helpers import serve_config as _config
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from aigd import zoo
+from aigd.dev import zoo
 from conftest import small_zoo
 
 UPSAMPLER = {"gan_tconv": nn.ConvTranspose2d, "ae_resize": nn.Upsample, "vae": nn.PixelShuffle, "ddpm": None}

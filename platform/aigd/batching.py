@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from aigd.config import ImagePolicy
-from aigd.prompt import check_prepared, prompt_text
+from aigd.image_view import check_prepared
+from aigd.prompt import prompt_text
 
 
 @lru_cache(maxsize=8)

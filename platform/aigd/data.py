@@ -1,7 +1,7 @@
 """Streamed Ray Data preprocessing: source -> filter -> split -> balance -> decode/augment/JPEG -> processor.
 
 Decisions that need global knowledge (split cut-offs, class counts, the undersampling threshold)
-come from ONE cheap metadata pass over the label/width/height columns; the per-row stages then
+come from ONE metadata read over the label/width/height columns (`aigd.sampling.Catalog`); the per-row stages then
 only compare a row's hash against a scalar, so they scale to any dataset size. Every random choice
 is drawn from (seed, epoch, img_id): each epoch redraws crops, flips and JPEG qualities, and a
 fixed seed reproduces them on any machine.
@@ -12,16 +12,21 @@ from __future__ import annotations
 import hashlib
 import logging
 from functools import lru_cache
+
 import numpy as np
+import ray
+import ray.data
+import torch
+import torchvision.transforms.v2 as T
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from aigd.batching import collate, encode, pixel_affine
 from aigd.config import AugmentConfig, DataConfig, DecodeLimits, ImagePolicy
 from aigd.errors import AigdError
-from aigd.images import decode, jpeg
-from aigd.prompt import prepare, prepare_image
-from aigd.sampling import Subsample, select_rows
-from aigd.sources import DataError, image_bytes, metadata, row_blocks, shards, with_images
+from aigd.image_view import prepare
+from aigd.images import jpeg
+from aigd.sampling import Catalog, Subsample
+from aigd.sources import DataError, image_bytes, row_blocks, shards, with_images
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +52,6 @@ def augment(img, aug: AugmentConfig, rng: np.random.Generator):
     toward the crop's mean grey rather than the whole image's) at 40% of the cost on 1024-px
     inputs, because the expensive hue shift runs on the 512-px crop.
     """
-    import torch
-    import torchvision.transforms.v2 as T
-
     torch_gen_seed = int(rng.integers(0, 2**31 - 1))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(torch_gen_seed)
@@ -69,6 +71,8 @@ def augment(img, aug: AugmentConfig, rng: np.random.Generator):
 
 @lru_cache(maxsize=2)
 def cached_processor(path: str, revision: str | None = None):
+    # Imported here: training workers import this module before Unsloth patches transformers
+    # (aigd.model.import_backend_first), which must come first.
     from transformers import AutoProcessor
 
     return AutoProcessor.from_pretrained(path, revision=revision)
@@ -99,8 +103,6 @@ def skip_counter(name: str):
     Detached in its own namespace so Ray Data tasks and Train workers (which run under other
     owners) can reach it; the driver kills it when the run ends.
     """
-    import ray
-
     @ray.remote(num_cpus=0)
     class SkipCounter:
         def __init__(self):
@@ -118,8 +120,6 @@ def skip_counter(name: str):
 
 
 def skipped_counts(name: str) -> dict:
-    import ray
-
     try:
         return ray.get(ray.get_actor(name, namespace=COUNTER_NAMESPACE).get.remote())
     except ValueError:
@@ -127,8 +127,6 @@ def skipped_counts(name: str) -> dict:
 
 
 def _report_skipped(counter: str | None, split: str, img_ids: list[str]) -> None:
-    import ray
-
     if counter is None:
         return  # ad-hoc use: the warning log still names every skipped row
     try:
@@ -140,13 +138,18 @@ def _report_skipped(counter: str | None, split: str, img_ids: list[str]) -> None
 def model_view(data: bytes | None, limits: DecodeLimits, policy: ImagePolicy, aug: AugmentConfig | None,
                rng: np.random.Generator) -> tuple[np.ndarray, int]:
     """(policy-sized uint8 pixels, JPEG quality drawn or -1). Without augmentation this is the
-    serving path itself (aigd.prompt.prepare)."""
+    serving path itself (aigd.image_view.prepare)."""
     if data is None:
         raise DataError("no image bytes")
     if aug is None:
         return prepare(data, limits, policy), -1
-    img, q = augment(decode(data, limits), aug, rng)
-    return prepare_image(img, policy), q
+    drawn = {"quality": -1}
+
+    def augmented(img):
+        img, drawn["quality"] = augment(img, aug, rng)
+        return img
+
+    return prepare(data, limits, policy, augmented), drawn["quality"]
 
 
 def preprocess(batch: dict, processor: tuple[str, str | None], policy: ImagePolicy, aug: AugmentConfig | None,
@@ -178,27 +181,22 @@ def preprocess(batch: dict, processor: tuple[str, str | None], policy: ImagePoli
 
 def configure_execution(cfg: DataConfig) -> None:
     """Driver-side Ray Data options; Ray Train carries them over to the datasets it ingests."""
-    import ray.data
-
     opts = ray.data.DataContext.get_current().execution_options
     opts.preserve_order = cfg.preserve_order
     if cfg.object_store_budget_mb is not None:
         opts.resource_limits = opts.resource_limits.copy(object_store_memory=cfg.object_store_budget_mb * 2**20)
 
 
-def planned_rows(cfg: DataConfig, split: str, sample: Subsample | None, table=None):
-    """(Ray Dataset of the split's metadata rows, shard paths): selection happens here, on metadata
-    only; each block is <= ROWS_PER_TASK rows of one shard, whose bytes the decoding stage reads.
-    `table`: the source's metadata when the caller has read it already.
+def planned_rows(cat: Catalog, split: str, sample: Subsample | None):
+    """(Ray Dataset of the split's metadata rows, shard paths): selection happens here, on the
+    job's catalog; each block is <= ROWS_PER_TASK rows of one shard, whose bytes the decoding stage reads.
 
-    One metadata pass on the driver instead of Ray Data's parquet reader: its file-listing task and
-    a repartition task each held a whole CPU for the run, so on a small node preprocessing got one
+    Planned on the driver instead of Ray Data's parquet reader: its file-listing task and a
+    repartition task each held a whole CPU for the run, so on a small node preprocessing got one
     CPU of two, and the repartition buffered every image's bytes in the object store.
     """
-    import ray.data
-
-    kept = select_rows(metadata(cfg) if table is None else table, cfg, split, sample)
-    return ray.data.from_arrow(row_blocks(kept, ROWS_PER_TASK) or [kept]), shards(cfg)
+    kept = cat.select(split, sample)
+    return ray.data.from_arrow(row_blocks(kept, ROWS_PER_TASK) or [kept]), shards(cat.cfg)
 
 
 class Preprocessor:
@@ -232,8 +230,6 @@ ACTORS_PER_TRAIN_WORKER = 4
 def preprocess_actors(cfg: DataConfig, reserved_cpus: float = 0.0, train_workers: int | None = None) -> int:
     """data.preprocess_actors, or as many as the cluster's CPUs hold after `reserved_cpus` (the
     training workers' share), at most ACTORS_PER_TRAIN_WORKER per training worker."""
-    import ray
-
     if cfg.preprocess_actors is not None:
         return cfg.preprocess_actors
     free = ray.cluster_resources().get("CPU", 1.0) - reserved_cpus
@@ -241,18 +237,17 @@ def preprocess_actors(cfg: DataConfig, reserved_cpus: float = 0.0, train_workers
     return min(n, ACTORS_PER_TRAIN_WORKER * train_workers) if train_workers else n
 
 
-def build_dataset(cfg: DataConfig, split: str, processor: tuple[str, str | None], policy: ImagePolicy,
+def build_dataset(cat: Catalog, split: str, processor: tuple[str, str | None], policy: ImagePolicy,
                   aug: AugmentConfig | None, epoch: int, sample: Subsample | None,
                   batch_size: int = 32, counter: str | None = None, reserved_cpus: float = 0.0,
                   train_workers: int | None = None):
     """The lazy Ray Dataset of one split for one epoch: ready tensors, one row per image.
     `processor` is (name_or_path, revision) of the base whose processor encodes the images."""
-    import ray.data
-
-    rows, files = planned_rows(cfg, split, sample)
+    rows, files = planned_rows(cat, split, sample)
     return rows.map_batches(
         Preprocessor, fn_constructor_kwargs=dict(
-            cfg=cfg, files=files, processor=processor, policy=policy, aug=aug if (aug and aug.enabled) else None,
-            epoch=epoch, batch_size=batch_size, split=split, counter=counter),
-        batch_format="pyarrow", batch_size=None, num_cpus=cfg.preprocess_cpus,
-        compute=ray.data.ActorPoolStrategy(size=preprocess_actors(cfg, reserved_cpus, train_workers)))
+            cfg=cat.cfg, files=files, processor=processor, policy=policy,
+            aug=aug if (aug and aug.enabled) else None, epoch=epoch, batch_size=batch_size, split=split,
+            counter=counter),
+        batch_format="pyarrow", batch_size=None, num_cpus=cat.cfg.preprocess_cpus,
+        compute=ray.data.ActorPoolStrategy(size=preprocess_actors(cat.cfg, reserved_cpus, train_workers)))

@@ -68,6 +68,13 @@ def ensemble_rule(rules: dict[str, Rule], cfg: EnsembleConfig) -> Rule:
     return Rule(threshold, band)
 
 
+def ensemble(members: dict[str, tuple], cfg: EnsembleConfig) -> tuple:
+    """The ensemble's (P(fake), Rule) from its members' (P(fake), Rule): P(fake) a float or a
+    column. The Router, `Scorer.answers` and evaluation all combine through this."""
+    return (combine({n: p for n, (p, _) in members.items()}, cfg.weights),
+            ensemble_rule({n: rule for n, (_, rule) in members.items()}, cfg))
+
+
 def member_answer(name: str, p: float, rule: Rule, temperature: float, version: dict) -> dict:
     return {"adapter": name, "label": rule.label(p), "p_fake": float(p), "p_real": 1.0 - float(p),
             **rule.as_dict(), "temperature": temperature, "model": version}
@@ -75,9 +82,9 @@ def member_answer(name: str, p: float, rule: Rule, temperature: float, version: 
 
 def ensemble_answer(members: dict[str, dict], failed: dict[str, str], cfg: EnsembleConfig) -> dict:
     """The ensemble's answer from its members' answers (each from `member_answer`)."""
-    p = float(combine({n: m["p_fake"] for n, m in members.items()}, cfg.weights))
-    rule = ensemble_rule({n: Rule(m["threshold"], tuple(m["uncertain_band"]) if m.get("uncertain_band") else None)
-                          for n, m in members.items()}, cfg)
+    p, rule = ensemble({n: (m["p_fake"], Rule(m["threshold"], tuple(m["uncertain_band"]) if m.get("uncertain_band")
+                                          else None)) for n, m in members.items()}, cfg)
+    p = float(p)
     return {"adapter": ENSEMBLE, "label": rule.label(p), "p_fake": p, "p_real": 1.0 - p, **rule.as_dict(),
             "rule": "weighted_mean", "weights": {n: cfg.weights.get(n, 1.0) for n in members},
             "degraded": bool(failed), "members_used": sorted(members), "members_failed": failed,

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from aigd.config import OptimConfig
-from aigd.scoring import pair_logits
+from aigd.forward import pair_logits
 
 
 def answer_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_ids: tuple[int, int]) -> torch.Tensor:

@@ -23,7 +23,6 @@ import torch
 from aigd.config import LoraConfig, ModelConfig
 from aigd.errors import BackendUnavailable
 from aigd.manifest import base_fingerprint, weights_layout
-from aigd.tiny_model import ensure_tiny_model
 
 VISION_BLOCKS = r"(?:.*\.)?visual\.blocks\.\d+\."
 LANGUAGE_LAYERS = r"(?:.*\.)?language_model\.layers\.\d+\."
@@ -88,6 +87,9 @@ def check_available(cfg: ModelConfig) -> str:
     """The base's local folder or cached hub id; offline, a hub id must already be in the HF cache."""
     path = cfg.name_or_path
     if cfg.build_tiny:
+        # The dev fixture loads only when a config asks for it: production never imports aigd.dev.
+        from aigd.dev.tiny_model import ensure_tiny_model
+
         ensure_tiny_model(path)
     elif os.environ.get("HF_HUB_OFFLINE") == "1" and not Path(path).exists() and not _cached(path, cfg.revision):
         raise BackendUnavailable(

@@ -12,7 +12,7 @@ import numpy as np
 
 from aigd.config import EvalConfig
 from aigd.metrics import confusion, ece
-from aigd.robustness import probabilities
+from aigd.evaluation import probabilities
 
 DASH = "—"
 GROUP_PERTURBATIONS = ("jpeg_q50",)  # shown per group beside clean when the sweep has them

@@ -8,13 +8,14 @@ imports torch costs seconds of CPU and ~0.5 GB; on a 2-CPU machine that churn st
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 
 from aigd.config import DataConfig
-from aigd.sources import DataError
+from aigd.sources import DataError, metadata
 
 SPLITS = ("train", "val", "test")
 
@@ -69,7 +70,7 @@ def keep_mask(table: pa.Table, cls: np.ndarray, cfg: DataConfig) -> np.ndarray:
     return keep
 
 
-# --------------------------------------------------------------------------- plan (one metadata pass)
+# --------------------------------------------------------------------------- the plan (one metadata read)
 
 
 def assign_split(u: np.ndarray, val_fraction: float, test_fraction: float) -> np.ndarray:
@@ -86,16 +87,46 @@ def split_of(ids, cfg: DataConfig) -> np.ndarray:
                         cfg.val_fraction, cfg.test_fraction)
 
 
-def _split_and_class(cfg: DataConfig, table: pa.Table):
-    ids = table.column("img_id").to_pylist()
-    cls = class_of(table.column("label").to_numpy(), cfg, ids)
-    return ids, cls, keep_mask(table, cls, cfg), split_of(ids, cfg)
+@dataclass(frozen=True)
+class Catalog:
+    """A source's metadata, read once per job, with each row's class, filter verdict and split.
+    Every count, balance, subset and selection of the job is computed from these columns; nothing
+    downstream reads the metadata again."""
 
+    cfg: DataConfig
+    table: pa.Table
+    ids: list
+    cls: np.ndarray  # 0 real, 1 fake, -1 dropped by the label map
+    keep: np.ndarray  # known class, large enough, not excluded
+    split: np.ndarray  # 0 train, 1 val, 2 test
 
-def class_counts(cfg: DataConfig, table: pa.Table) -> dict[str, list[int]]:
-    """split -> [n_real, n_fake] after filtering, before balancing."""
-    _, cls, keep, split = _split_and_class(cfg, table)
-    return {name: [int(((split == s) & keep & (cls == c)).sum()) for c in (0, 1)] for s, name in enumerate(SPLITS)}
+    @classmethod
+    def read(cls, cfg: DataConfig, extra: tuple[str, ...] | list[str] = ()) -> "Catalog":
+        return cls.of(cfg, metadata(cfg, extra))
+
+    @classmethod
+    def of(cls, cfg: DataConfig, table: pa.Table) -> "Catalog":
+        ids = table.column("img_id").to_pylist()
+        labels = class_of(table.column("label").to_numpy(), cfg, ids)
+        return cls(cfg, table, ids, labels, keep_mask(table, labels, cfg), split_of(ids, cfg))
+
+    def in_split(self, split: str) -> np.ndarray:
+        """Rows of the split that pass the filters ("all": every row that passes them)."""
+        return self.keep if split == "all" else self.keep & (self.split == SPLITS.index(split))
+
+    def counts(self) -> dict[str, list[int]]:
+        """split -> [n_real, n_fake] after filtering, before balancing."""
+        return {name: [int((self.in_split(name) & (self.cls == c)).sum()) for c in (0, 1)] for name in SPLITS}
+
+    def select(self, split: str, sample: "Subsample | None" = None) -> pa.Table:
+        """Filter + split + undersample; image bytes are never copied to Python. The label column
+        holds the class (0/1)."""
+        keep = self.in_split(split).copy()
+        if sample is not None:
+            draw = unit_hash(self.ids, sample.salt)
+            keep &= np.where(self.cls == 0, draw < sample.cuts[0], draw < sample.cuts[1])
+        out = self.table.filter(pa.array(keep))
+        return out.set_column(out.schema.get_field_index("label"), "label", pa.array(self.cls[keep], pa.int64()))
 
 
 class Subsample(NamedTuple):
@@ -105,50 +136,35 @@ class Subsample(NamedTuple):
     cuts: tuple[float, float]
 
 
-def subsample(cfg: DataConfig, table: pa.Table, split: str, salt: str,
-              per_class: tuple[int, int] | None = None) -> Subsample:
+def subsample(cat: Catalog, split: str, salt: str, per_class: tuple[int, int] | None = None) -> Subsample:
     """Hash thresholds that let exactly `per_class` rows of each class through (default: the
     minority's count for both, i.e. balance by undersampling)."""
-    ids, cls, keep, split_idx = _split_and_class(cfg, table)
-    in_split = keep & (split_idx == SPLITS.index(split))
-    draw = unit_hash(ids, salt)
-    n = [int((in_split & (cls == c)).sum()) for c in (0, 1)]
+    in_split = cat.in_split(split)
+    draw = unit_hash(cat.ids, salt)
+    n = [int((in_split & (cat.cls == c)).sum()) for c in (0, 1)]
     want = per_class or (min(n), min(n))
     cuts = []
     for c in (0, 1):
-        d = np.sort(draw[in_split & (cls == c)])
+        d = np.sort(draw[in_split & (cat.cls == c)])
         cuts.append(1.0 if n[c] <= want[c] else float(d[want[c]]) if want[c] > 0 else 0.0)
     return Subsample(salt, (cuts[0], cuts[1]))
 
 
-def balance(cfg: DataConfig, table: pa.Table, epoch: int) -> Subsample:
+def balance(cat: Catalog, epoch: int) -> Subsample:
     """This epoch's undersampling of the training split; redrawn every epoch."""
-    return subsample(cfg, table, "train", f"{cfg.seed}/{epoch}/balance")
+    return subsample(cat, "train", f"{cat.cfg.seed}/{epoch}/balance")
 
 
-def stratified(cfg: DataConfig, table: pa.Table, split: str, n: int | None, counts: list[int]) -> Subsample | None:
+def stratified(cat: Catalog, split: str, n: int | None) -> Subsample | None:
     """A fixed subset of about n rows with the split's class proportions (None: the whole split)."""
+    counts = cat.counts()[split]
     if n is None or n >= sum(counts):
         return None
     per_class = tuple(max(1, round(n * c / sum(counts))) if c else 0 for c in counts)
-    return subsample(cfg, table, split, f"{cfg.seed}/subset/{split}", per_class)
+    return subsample(cat, split, f"{cat.cfg.seed}/subset/{split}", per_class)
 
 
 # --------------------------------------------------------------------------- per-row stages
-
-
-def select_rows(table: pa.Table, cfg: DataConfig, split: str, sample: Subsample | None = None) -> pa.Table:
-    """Filter + split + undersample on metadata columns only; image bytes are never copied to Python."""
-    ids = table.column("img_id").to_pylist()
-    cls = class_of(table.column("label").to_numpy(), cfg, ids)
-    keep = keep_mask(table, cls, cfg)
-    if split != "all":  # "all": every row that passes the label and size filters
-        keep &= split_of(ids, cfg) == SPLITS.index(split)
-    if sample is not None:
-        draw = unit_hash(ids, sample.salt)
-        keep &= np.where(cls == 0, draw < sample.cuts[0], draw < sample.cuts[1]) | (cls < 0)
-    out = table.filter(pa.array(keep))
-    return out.set_column(out.schema.get_field_index("label"), "label", pa.array(cls[keep], pa.int64()))
 
 
 def keep_sampled(batch: dict, sample: Subsample) -> dict:

@@ -23,8 +23,9 @@ from aigd.decision import Rule, ensemble_answer, member_answer, p_fake
 from aigd.errors import AdapterUnavailable, AigdError, ManifestMismatch, UnknownAdapter
 from aigd.manifest import check_compatible, policy_dict, policy_for, read_manifest
 from aigd.model import autocast, base_info, load_base
-from aigd.prompt import label_token_ids, prepare
-from aigd.scoring import answer_logits, pair_logits
+from aigd.image_view import prepare
+from aigd.prompt import label_token_ids
+from aigd.forward import answer_logits, pair_logits
 
 log = logging.getLogger(__name__)
 

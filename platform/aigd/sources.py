@@ -12,8 +12,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from PIL import Image
 
 from aigd.config import DataConfig
 
@@ -31,8 +34,6 @@ def is_remote(path: str) -> bool:
 
 
 def _filesystem(path: str):
-    import pyarrow.fs as pafs
-
     if is_remote(path):
         return pafs.FileSystem.from_uri(path)
     return pafs.LocalFileSystem(), str(Path(path).resolve())
@@ -40,8 +41,6 @@ def _filesystem(path: str):
 
 def parquet_files(path: str) -> tuple[object, list[str]]:
     """(filesystem, sorted shard paths) under a folder or URI, or the one file named."""
-    import pyarrow.fs as pafs
-
     fs, root = _filesystem(path)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.File:
@@ -94,8 +93,6 @@ def _folder_class(rel: Path) -> tuple[int, str] | None:
 
 
 def _image_size(f: Path) -> tuple[int, int]:
-    from PIL import Image
-
     try:
         with Image.open(f) as im:  # header only
             return im.size
@@ -147,8 +144,6 @@ def shards(cfg: DataConfig) -> list[str]:
 
 def _located(table: pa.Table, rows_per_file: list[int]) -> pa.Table:
     """Where each row's image lives: `_file` indexes shards(cfg), `_row` is the row in that shard."""
-    import numpy as np
-
     file_idx = np.repeat(np.arange(len(rows_per_file), dtype=np.int32), rows_per_file)
     rows = (np.concatenate([np.arange(n, dtype=np.int64) for n in rows_per_file]) if rows_per_file
             else np.zeros(0, np.int64))
@@ -186,8 +181,6 @@ def metadata(cfg: DataConfig, extra: tuple[str, ...] | list[str] = ()) -> pa.Tab
 def row_blocks(rows: pa.Table, rows_per_block: int) -> list[pa.Table]:
     """Selected metadata rows cut into blocks of at most `rows_per_block` rows of one shard each:
     the unit of work of the stage that reads and decodes the images."""
-    import numpy as np
-
     file_idx = rows.column("_file").to_numpy()
     starts = np.flatnonzero(np.diff(file_idx, prepend=-1))
     ends = np.append(starts[1:], len(file_idx))
@@ -197,8 +190,6 @@ def row_blocks(rows: pa.Table, rows_per_block: int) -> list[pa.Table]:
 
 def _parquet_images(path: str, shard: str, row_idx) -> tuple[list, list]:
     """(img_id, image) of the given rows of one shard, reading only the row groups that hold them."""
-    import numpy as np
-
     fs = _filesystem(path)[0]
     with fs.open_input_file(shard) as fh:
         pf = pq.ParquetFile(fh)

@@ -11,18 +11,20 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
+import ray
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
 
+from aigd import checkpoint
 from aigd import config as C
 from aigd.data import (COUNTER_NAMESPACE, LIGHT_STAGE_CPUS, LIGHT_STAGE_TASKS, build_dataset, configure_execution,
                        skip_counter, skipped_counts)
 from aigd.loop import train_loop_per_worker
 from aigd.manifest import new_manifest, write_adapter
 from aigd.metrics import fit_calibration
-from aigd.model import lora_target_regex
-from aigd.sampling import SPLITS, Subsample, balance, class_counts, keep_sampled, stratified
-from aigd.sources import is_remote, metadata, resolve_source
-from aigd.tiny_model import ensure_tiny_model
+from aigd.model import check_available, lora_target_regex
+from aigd.sampling import SPLITS, Catalog, Subsample, balance, keep_sampled, stratified
+from aigd.sources import is_remote, resolve_source
 
 
 def load_config(description: str, preset: dict, argv=None) -> C.TrainJobConfig:
@@ -36,8 +38,6 @@ def load_config(description: str, preset: dict, argv=None) -> C.TrainJobConfig:
 
 def init_ray(cfg: C.TrainJobConfig) -> None:
     """Join the cluster of `ray job submit` (RAY_ADDRESS) or start a local one for `python jobs/...`."""
-    import ray
-
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
     configure_execution(cfg.data)
@@ -62,6 +62,7 @@ def check_storage(cfg: C.TrainJobConfig, n_nodes: int) -> None:
 
 @dataclass
 class DataPlan:
+    catalog: Catalog  # the source's metadata, read once, with class, filter and split per row
     counts: dict  # split -> [real, fake] after filters, before balancing
     train_rows: int  # fed per epoch, after balancing
     balance: list  # per epoch: Subsample of the train split, or None
@@ -69,18 +70,19 @@ class DataPlan:
 
 
 def plan_data(cfg: C.TrainJobConfig) -> tuple[C.TrainJobConfig, DataPlan]:
-    """One metadata pass: class counts per split, each epoch's undersampling, the validation subset."""
+    """The job's one metadata read: class counts per split, each epoch's undersampling, the
+    validation subset; the datasets are built from the same catalog."""
     data = resolve_source(cfg.data)
     cfg = C.replace(cfg, data=data)
-    table = metadata(data)
-    counts = class_counts(data, table)
+    cat = Catalog.read(data)
+    counts = cat.counts()
     n_train = 2 * min(counts["train"]) if data.balance else sum(counts["train"])
     if n_train == 0:
         raise ValueError(f"no training rows survive the filters: {counts}")
     if min(counts["val"]) == 0:
         raise ValueError(f"the val split needs both classes for AUC and calibration: {counts['val']}")
-    plan = DataPlan(counts, n_train, [balance(data, table, e) if data.balance else None for e in range(cfg.optim.epochs)],
-                    stratified(data, table, "val", cfg.optim.eval_samples, counts["val"]))
+    plan = DataPlan(cat, counts, n_train, [balance(cat, e) if data.balance else None for e in range(cfg.optim.epochs)],
+                    stratified(cat, "val", cfg.optim.eval_samples))
     return cfg, plan
 
 
@@ -96,14 +98,11 @@ def make_datasets(cfg: C.TrainJobConfig, plan: DataPlan) -> dict:
     trainer_cpus = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
 
     def build(split, aug, epoch, sample):
-        return build_dataset(cfg.data, split, processor, cfg.image, aug, epoch, sample,
+        return build_dataset(plan.catalog, split, processor, cfg.image, aug, epoch, sample,
                              batch_size=cfg.optim.batch_size, counter=counter_name(cfg), reserved_cpus=trainer_cpus,
                              train_workers=cfg.scaling.num_workers)
 
-    if cfg.data.cache_preprocessed:
-        if cfg.augment.enabled:
-            raise C.ConfigError("data.cache_preprocessed would repeat one augmentation every epoch; it is for "
-                                "runs without augmentation (Method 1)")
+    if cfg.data.cache_preprocessed:  # TrainJobConfig.validate: never with augmentation
         every = build("train", None, 0, None).materialize()  # decoded and encoded once
         ds = {f"train_{e}": every.map_batches(keep_sampled, fn_kwargs=dict(sample=plan.balance[e]),
                                               batch_format="numpy", num_cpus=LIGHT_STAGE_CPUS,
@@ -128,16 +127,13 @@ def dist_backend(s: C.ScalingConfig) -> str:
     return "cpu:gloo,cuda:nccl" if s.use_gpu else "gloo"
 
 
-def make_trainer(cfg: C.TrainJobConfig, plan: DataPlan, datasets: dict):
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
+def make_trainer(cfg: C.TrainJobConfig, plan: DataPlan, datasets: dict, hooks=()):
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:
         resources["GPU"] = s.gpus_per_worker
     loop_config = {"cfg": C.to_dict(cfg), "steps_per_epoch": steps_per_epoch(cfg, plan.train_rows),
-                   "counter": counter_name(cfg)}
+                   "counter": counter_name(cfg), "hooks": list(hooks)}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -155,11 +151,9 @@ def make_trainer(cfg: C.TrainJobConfig, plan: DataPlan, datasets: dict):
 
 def prepare_run(cfg: C.TrainJobConfig) -> tuple[C.TrainJobConfig, DataPlan]:
     """Driver-side set-up: storage reachable from every node, base model present, data planned."""
-    import ray
-
     check_storage(cfg, len([n for n in ray.nodes() if n.get("Alive")]))
-    if cfg.model.build_tiny:
-        ensure_tiny_model(cfg.model.name_or_path)
+    if cfg.model.build_tiny:  # built once here, not by every worker at once
+        check_available(cfg.model)
     cfg, plan = plan_data(cfg)
     skip_counter(counter_name(cfg))
     print(f"[{cfg.run.name}] data {cfg.data.source}:{cfg.data.path}")
@@ -183,32 +177,24 @@ def export_adapter(cfg: C.TrainJobConfig, method: str, result, counts: dict, ski
     if result.checkpoint is None:
         raise RuntimeError("training produced no checkpoint to export")
     with result.checkpoint.as_directory() as d:
-        d = Path(d)
-        if not (d / "adapter").exists():
-            raise RuntimeError(f"the last checkpoint ({d}) is not the final one; the run did not finish")
-        val = np.load(d / "val_predictions.npz")
-        loop_state = json.loads((d / "loop_state.json").read_text())
-        base = json.loads((d / "base.json").read_text())
+        final = checkpoint.read_final(Path(d))
         manifest = new_manifest(
-            method=method, base=base, policy=cfg.image,
+            method=method, base=final.base, policy=cfg.image,
             lora={"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
                   "target_modules": lora_target_regex(cfg.lora)},
             training={"loss": cfg.optim.loss, "focal_alpha": cfg.optim.focal_alpha,
                       "focal_gamma": cfg.optim.focal_gamma, "lr": cfg.optim.lr, "scheduler": cfg.optim.scheduler,
                       "epochs": cfg.optim.epochs, "augment": C.to_dict(cfg.augment),
-                      "best_step": loop_state["best_step"], "global_step": loop_state["global_step"]},
+                      "best_step": final.loop_state["best_step"], "global_step": final.loop_state["global_step"]},
             data={"source": cfg.data.source, "path": cfg.data.path, "class_counts": counts,
                   "skipped_unreadable": skipped,
                   "label_map": {str(k): v for k, v in cfg.data.label_map.items()}, "tampered": cfg.data.tampered,
                   "min_width": cfg.data.min_width, "balance": cfg.data.balance},
-            val_metrics=json.loads((d / "val_metrics.json").read_text()),
-            calibration=fit_calibration(val["pair_logits"], val["labels"]))
-        return write_adapter(d / "adapter", Path(cfg.run.export_dir), manifest)
+            val_metrics=final.val_metrics, calibration=fit_calibration(final.pair_logits, final.labels))
+        return write_adapter(final.adapter, Path(cfg.run.export_dir), manifest)
 
 
 def finish_run(cfg: C.TrainJobConfig, method: str, plan: DataPlan, result) -> Path:
-    import ray
-
     skipped = skipped_counts(counter_name(cfg))
     ray.kill(ray.get_actor(counter_name(cfg), namespace=COUNTER_NAMESPACE))
     if result.error is not None:
@@ -225,11 +211,12 @@ def finish_run(cfg: C.TrainJobConfig, method: str, plan: DataPlan, result) -> Pa
     return out
 
 
-def run(method: str, preset: dict, description: str, argv=None) -> Path:
-    """A recipe, top to bottom: what jobs/train_method*.py run with their own preset."""
+def run(method: str, preset: dict, description: str, argv=None, hooks=()) -> Path:
+    """A recipe, top to bottom: what jobs/train_method*.py run with their own preset. `hooks`
+    (`aigd.loop.TrainerHook`) reach every worker's Trainer: the restart tests inject faults so."""
     cfg = load_config(description, preset, argv)  # preset <- YAML <- a.b=c overrides
     init_ray(cfg)
-    cfg, plan = prepare_run(cfg)  # one metadata pass: counts, balance per epoch, val subset
-    trainer = make_trainer(cfg, plan, make_datasets(cfg, plan))
+    cfg, plan = prepare_run(cfg)  # one metadata read: counts, balance per epoch, val subset
+    trainer = make_trainer(cfg, plan, make_datasets(cfg, plan), hooks)
     result = trainer.fit()  # checkpoints, resume and restarts are Ray Train's; the loop is aigd.loop's
     return finish_run(cfg, method, plan, result)  # calibrate on val, write adapter + manifest

@@ -22,11 +22,16 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
 from PIL import Image
 
-from aigd.config import DemoDataConfig, ZooConfig, to_dict
-from aigd import zoo
-from aigd.zoo import MARGIN, TRAINED, resample
+from aigd.config import DataConfig, DemoDataConfig, ZooConfig, to_dict
+from aigd.dev import zoo
+from aigd.dev.zoo import MARGIN, TRAINED, resample
+from aigd.images import decode
+from aigd.sampling import split_of as data_split
 
 SKIMAGE_PHOTOS = ("astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins", "grass",
                   "gravel", "hubble_deep_field", "immunohistochemistry", "moon", "page", "retina",
@@ -144,9 +149,6 @@ class Row(NamedTuple):
 
 def split_of(ids: list[str], cfg: DemoDataConfig) -> np.ndarray:
     """0 train, 1 val, 2 test per img_id (or photo name) under the split the demo configs use."""
-    from aigd.config import DataConfig
-    from aigd.sampling import split_of as data_split
-
     return data_split(ids, DataConfig(test_fraction=cfg.test_fraction, split_group_sep="/"))
 
 
@@ -194,8 +196,6 @@ def plan_rows(cfg: DemoDataConfig, photos: dict[str, np.ndarray], rng: np.random
 
 def training_patches(photos: dict[str, np.ndarray], names: list[str], cfg: ZooConfig, seed: int, n: int = 1024):
     """(n, 3, patch, patch) crops of the given photos in [-1, 1], made like the real rows."""
-    import torch
-
     rng = np.random.default_rng([seed, 1])
     crops = [np.asarray(random_crop(photos[names[i % len(names)]], (cfg.patch, cfg.patch), rng)) for i in range(n)]
     return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -259,8 +259,6 @@ def make_rows(cfg: DemoDataConfig, log=lambda _: None) -> tuple[list[dict], dict
 def write_samples(rows: list[dict], folder: Path, cfg: DemoDataConfig, per_class: int = 6) -> None:
     """Held-out files for trying the API: rows of the demo's TEST split, named for their truth (and
     a fake's family)."""
-    from aigd.images import decode
-
     def readable(data: bytes) -> bool:
         try:
             decode(data)
@@ -287,8 +285,6 @@ def write_samples(rows: list[dict], folder: Path, cfg: DemoDataConfig, per_class
 
 
 def _schema():
-    import pyarrow as pa
-
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     return pa.schema([("img_id", pa.string()), ("image", image_type), ("mask", image_type),
                       ("width", pa.int32()), ("height", pa.int32()), ("label", pa.int64()),
@@ -298,9 +294,6 @@ def _schema():
 def write_demo_data(cfg: DemoDataConfig, log=partial(print, flush=True)) -> Path:
     """Write `cfg.shards` parquet shards named like the hub's (data/train-0000i-of-0000n.parquet),
     SID_Set's columns plus `generator`; a folder already written with this config is kept as it is."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     out = Path(cfg.out_dir)
     data_dir = out / "data"
     summary_file = out / "DEMO_DATA.json"

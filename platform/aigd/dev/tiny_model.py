@@ -11,10 +11,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from aigd.batching import model_batch
 from aigd.config import ImagePolicy
-from aigd.prompt import PATCH, label_token_ids
-from aigd.scoring import answer_logits
+from aigd.image_view import PATCH
+from aigd.prompt import label_token_ids
+from aigd.forward import answer_logits
 
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -106,9 +110,6 @@ def format_tune(model, processor, steps: int, seed: int) -> float:
     Real/Fake labels. Afterwards nearly all probability at the answer sits on the two label tokens,
     split about evenly whatever the image, so Method 1's loss starts near ln 2 (not ln |vocab|) and
     the base knows nothing about which answer is right. Returns the last loss."""
-    import numpy as np
-    import torch
-
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.as_tensor(label_token_ids(processor.tokenizer))
@@ -138,7 +139,6 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, vocab_size: int = 400, 
                      dtype: str = "float32", format_steps: int = 200) -> Path:
     """Write a complete Hugging Face folder (config, safetensors, tokenizer, processor);
     `format_steps` of `format_tune` first (0: purely random weights)."""
-    import torch
     from transformers import (
         PreTrainedTokenizerFast,
         Qwen2_5_VLConfig,

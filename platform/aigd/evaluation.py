@@ -8,73 +8,71 @@ learned aspect ratio or file format instead of the generator loses its AUC there
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 from PIL import Image
 
-from aigd.config import DataConfig, DecodeLimits, EvalConfig, ImagePolicy, from_dict
-from aigd.decision import ENSEMBLE, Rule, combine, ensemble_rule, p_fake
+from aigd.config import PERTURBATION, DataConfig, DecodeLimits, EvalConfig, ImagePolicy, from_dict
+from aigd.decision import ENSEMBLE, Rule, ensemble, p_fake
 from aigd.errors import AigdError
-from aigd.images import decode, jpeg, sniff
+from aigd.images import jpeg, sniff
 from aigd.metrics import binary_metrics, bootstrap_cis, ece, fit_calibration
-from aigd.prompt import prepare, prepare_image
+from aigd.image_view import views
 from aigd.scorer import Scorer
 from aigd.sources import image_bytes, with_images
+
 GROUP = "group_"  # metadata columns carried through scoring for EvalConfig.group_by
-_JPEG = re.compile(r"jpeg_q(\d+)$")
-_SCALE = re.compile(r"downscale_([0-9.]+)$")
-_CROP = re.compile(r"center_crop_([0-9.]+)$")
 
 
-def check_perturbation(name: str) -> None:
-    if name in ("clean", "equalized") or _JPEG.match(name) or _SCALE.match(name) or _CROP.match(name):
-        return
-    raise ValueError(f"unknown perturbation {name!r}: clean, jpeg_q<Q>, downscale_<F>, center_crop_<F>, equalized")
+def perturbation(name: str):
+    """The named perturbation as a transform of an upright RGB image (for `image_view.views`)."""
+    return lambda img: perturb(img, name)
 
 
 def perturb(img: Image.Image, name: str) -> Image.Image:
-    """The named perturbation of an upright RGB image."""
+    """The named perturbation of an upright RGB image (names: `aigd.config.PERTURBATION`)."""
+    m = PERTURBATION.fullmatch(name)
+    if m is None:
+        raise ValueError(f"unknown perturbation {name!r}")
     if name == "clean":
         return img
-    if m := _JPEG.match(name):
-        return jpeg(img, int(m.group(1)))
-    if m := _SCALE.match(name):
-        f = float(m.group(1))
-        return img.resize((max(28, round(img.width * f)), max(28, round(img.height * f))), Image.Resampling.BICUBIC)
-    if m := _CROP.match(name):
-        f = float(m.group(1))
-        w, h = max(28, round(img.width * f)), max(28, round(img.height * f))
-        x, y = (img.width - w) // 2, (img.height - h) // 2
-        return img.crop((x, y, x + w, y + h))
     if name == "equalized":
         side = min(img.size)
         x, y = (img.width - side) // 2, (img.height - side) // 2
         return jpeg(img.crop((x, y, x + side, y + side)), 95)
-    raise ValueError(f"unknown perturbation {name!r}")
+    if m["quality"]:
+        return jpeg(img, int(m["quality"]))
+    if m["scale"]:
+        f = float(m["scale"])
+        return img.resize((max(28, round(img.width * f)), max(28, round(img.height * f))), Image.Resampling.BICUBIC)
+    f = float(m["crop"])
+    w, h = max(28, round(img.width * f)), max(28, round(img.height * f))
+    x, y = (img.width - w) // 2, (img.height - h) // 2
+    return img.crop((x, y, x + w, y + h))
 
 
 # --------------------------------------------------------------------------- Ray Data stages
 
 
 def expand(batch: dict, perturbations: list[str], policy: ImagePolicy, max_pixels: int) -> dict:
-    """Decode each image once; emit one prepared (policy-sized) uint8 array per perturbation."""
+    """One prepared (policy-sized) uint8 array per image and perturbation, through `aigd.image_view`
+    under the batch scorer's limits: clean is exactly what the API would score, every perturbation
+    starts from one full decode, and an image the API would refuse is skipped (counted by the caller
+    as rows in minus rows out)."""
     groups = [k for k in batch if k.startswith(GROUP)]
     out = {k: [] for k in ("img_id", "label", "perturbation", "pixels", "width", "height", "format", *groups)}
-    limits = DecodeLimits.preset("training", max_pixels)
+    limits = DecodeLimits.preset("batch", max_pixels)
     for i, data in enumerate(image_bytes(batch["image"])):
         try:
-            img = decode(data, limits)
+            prepared = views(data, limits, policy,
+                             {name: None if name == "clean" else perturbation(name) for name in perturbations})
             fmt = sniff(data)
         except AigdError:
-            continue  # counted by the caller as rows in minus rows out
-        for name in perturbations:
+            continue
+        for name, pixels in prepared.items():
             out["img_id"].append(str(batch["img_id"][i]))
             out["label"].append(int(batch["label"][i]))
             out["perturbation"].append(name)
-            # clean is the serving path itself (aigd.prompt.prepare: decoded at the policy's size)
-            out["pixels"].append(prepare(data, limits, policy) if name == "clean"
-                                 else prepare_image(perturb(img, name), policy))
+            out["pixels"].append(pixels)
             out["width"].append(int(batch["width"][i]))
             out["height"].append(int(batch["height"][i]))
             out["format"].append(fmt)
@@ -131,8 +129,7 @@ def probabilities(scores: dict, cfg: EvalConfig) -> dict[str, tuple]:
         out[name] = (p_fake(z, float(scores[f"temperature_{name}"][0])), _rule(scores, name))
     members = list(cfg.ensemble.members or adapters)
     if len(members) > 1:
-        p = combine({n: out[n][0] for n in members}, cfg.ensemble.weights)
-        out[ENSEMBLE] = (p, ensemble_rule({n: out[n][1] for n in members}, cfg.ensemble))
+        out[ENSEMBLE] = ensemble({n: out[n] for n in members}, cfg.ensemble)
     return out
 
 

@@ -90,10 +90,10 @@ serve-demo: cluster
 	echo "Held-out samples of each class (test split, never trained on):"; \
 	$(PY) serve/try_samples.py --url http://127.0.0.1:8000 $(AIGD_HOME)/demo-data/samples/*
 
-# The README's proxy table: both methods x 3 seeds, trained, evaluated, summarised, on its own local
+# The proxy table in docs/benchmarks.md: both methods x 3 seeds, trained, evaluated, summarised, on its own local
 # Ray (the demo cluster is stopped first: its Serve app would hold CPUs the jobs need).
 experiment: stop tiny-model demo-data
-	$(PY) bench/experiment.py --seeds 0 1 2 --readme README.md --json
+	$(PY) bench/experiment.py --seeds 0 1 2 --doc docs/benchmarks.md --json
 
 # Leave-one-generator-out: both methods trained without each zoo family in turn, 2 seeds, evaluated
 # per generator; writes the table into docs/generalization.md (its own local Ray, like experiment).

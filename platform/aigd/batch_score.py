@@ -1,18 +1,31 @@
 """Score a folder or a SID_Set-format parquet of images into one row per image (parquet or JSONL).
 
 Unreadable or rejected images get a row with `error` (the reason) and no scores, so the output
-accounts for every input.
+accounts for every input. Rows are written chunk by chunk, in input order: memory stays flat
+however many images there are.
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
+from itertools import islice
 from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from aigd.config import DecodeLimits, ScoringConfig
 from aigd.errors import AigdError
-from aigd.scorer import Scorer
 from aigd.sources import count_images, iter_images
+
+SUFFIXES = (".parquet", ".jsonl")
+# Parquet row groups of one scoring chunk each (16 rows) would make a slow, bloated file.
+ROW_GROUP = 4096
+
+
+class OutputError(ValueError):
+    """An output path rows cannot be written to."""
 
 
 def row(img_id: str, answer: dict | None, names: list[str], error: str | None = None) -> dict:
@@ -25,44 +38,108 @@ def row(img_id: str, answer: dict | None, names: list[str], error: str | None = 
             "threshold": answer["threshold"], **{f"p_fake_{n}": members[n]["p_fake"] for n in names}}
 
 
-def score_path(cfg: ScoringConfig, path: str, out: str, batch_size: int = 16) -> dict:
-    from tqdm import tqdm
+def row_schema(names: list[str]) -> pa.Schema:
+    """Declared up front: a chunk whose images all failed has only nulls to infer types from."""
+    return pa.schema([("id", pa.string()), ("error", pa.string()), ("p_fake", pa.float64()), ("label", pa.string()),
+                      ("threshold", pa.float64()), *[(f"p_fake_{n}", pa.float64()) for n in names]])
 
-    scorer = Scorer(cfg)
-    names = list(cfg.ensemble.members or scorer.members)
+
+def check_out(out: str) -> Path:
+    path = Path(out)
+    if path.suffix not in SUFFIXES:
+        raise OutputError(f"output {out} must end in {' or '.join(SUFFIXES)}")
+    if path.is_dir():
+        raise OutputError(f"output {out} is a folder; name a file")
+    return path
+
+
+class _Jsonl:
+    def __init__(self, path: Path):
+        self.file = path.open("w")
+
+    def write(self, rows: list[dict]) -> None:
+        self.file.writelines(json.dumps(r) + "\n" for r in rows)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class _Parquet:
+    def __init__(self, path: Path, names: list[str]):
+        self.schema, self.pending = row_schema(names), []
+        self.writer = pq.ParquetWriter(path, self.schema)
+
+    def write(self, rows: list[dict]) -> None:
+        self.pending += rows
+        if len(self.pending) >= ROW_GROUP:
+            self._flush()
+
+    def _flush(self) -> None:
+        self.writer.write_table(pa.Table.from_pylist(self.pending, schema=self.schema))
+        self.pending = []
+
+    def close(self) -> None:
+        self._flush()
+        self.writer.close()
+
+
+@contextmanager
+def row_writer(out: Path, names: list[str]):
+    """`write(rows)`, into OUT.partial, renamed to OUT once every row is in: a run that dies midway
+    never leaves a file that looks complete."""
+    partial = out.with_name(out.name + ".partial")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        writer = _Parquet(partial, names) if out.suffix == ".parquet" else _Jsonl(partial)
+    except OSError as e:
+        raise OutputError(f"cannot write {out}: {e.strerror or e}") from None
+    try:
+        yield writer.write
+    except BaseException:
+        writer.close()
+        partial.unlink(missing_ok=True)
+        raise
+    writer.close()
+    partial.replace(out)
+
+
+def chunks(items, size: int):
+    it = iter(items)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+def score_chunk(scorer, cfg: ScoringConfig, chunk: list[tuple[str, bytes | None]], names: list[str]) -> list[dict]:
+    """The chunk's rows in input order, its readable images scored in one batch."""
     limits = DecodeLimits.preset("batch")
-    rows: list[dict] = []
-    pending: list[tuple[str, object]] = []
-
-    def flush():
-        if pending:
-            answers = scorer.answers([img for _, img in pending], cfg.ensemble)
-            rows.extend(row(img_id, a, names) for (img_id, _), a in zip(pending, answers))
-            pending.clear()
-
-    for img_id, data in tqdm(iter_images(path), total=count_images(path), unit="img", desc="scoring"):
+    prepared, errors = {}, {}
+    for i, (img_id, data) in enumerate(chunk):
         try:
             if data is None:
                 raise AigdError("no image bytes")
-            pending.append((img_id, scorer.prepare(data, limits)))
+            prepared[i] = scorer.prepare(data, limits)
         except AigdError as e:
-            rows.append(row(img_id, None, names, f"{e.code}: {e}"))
-        if len(pending) >= batch_size:
-            flush()
-    flush()
-    write_rows(rows, Path(out))
-    return {"rows": len(rows), "scored": sum(r["error"] is None for r in rows),
-            "unreadable": sum(r["error"] is not None for r in rows), "out": out}
+            errors[i] = f"{e.code}: {e}"
+    answers = dict(zip(prepared, scorer.answers(list(prepared.values()), cfg.ensemble))) if prepared else {}
+    return [row(img_id, answers.get(i), names, errors.get(i)) for i, (img_id, _) in enumerate(chunk)]
 
 
-def write_rows(rows: list[dict], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".jsonl":
-        out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    elif out.suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+def score_path(cfg: ScoringConfig, path: str, out: str, batch_size: int = 16) -> dict:
+    """Raises OutputError or DataError for a bad `out` or `path` before the model loads."""
+    from tqdm import tqdm
 
-        pq.write_table(pa.Table.from_pylist(rows), out)
-    else:
-        raise ValueError(f"output {out} must end in .parquet or .jsonl")
+    target = check_out(out)
+    total = count_images(path)
+    from aigd.scorer import Scorer  # only now: a bad `out` or `path` is reported without waiting for torch
+
+    names = list(cfg.ensemble.members or cfg.adapters)
+    summary = {"rows": 0, "scored": 0, "unreadable": 0, "out": out}
+    with row_writer(target, names) as write:
+        scorer = Scorer(cfg)
+        for chunk in chunks(tqdm(iter_images(path), total=total, unit="img", desc="scoring"), batch_size):
+            rows = score_chunk(scorer, cfg, chunk, names)
+            write(rows)
+            summary["rows"] += len(rows)
+            summary["unreadable"] += sum(r["error"] is not None for r in rows)
+    summary["scored"] = summary["rows"] - summary["unreadable"]
+    return summary

@@ -221,7 +221,7 @@ class Preprocessor:
             yield preprocess(batch, **self.kwargs)
 
 
-# One GPU trains on ~10 (5-16) Method-2 samples/s, which needs < 0.5 CPU of preprocessing (README,
+# One GPU trains on ~10 (5-16) Method-2 samples/s, which needs < 0.5 CPU of preprocessing (docs/benchmarks.md,
 # "Scaling on paper"); 4 per training worker leaves room for costlier PNG sources. Each actor holds
 # torch (~1 GB resident), so a big shared cluster must not get one per free CPU.
 ACTORS_PER_TRAIN_WORKER = 4

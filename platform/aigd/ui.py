@@ -5,7 +5,8 @@ everything it shows is what the API answered.
 
 It runs in its own environment (.venv-ui: gradio and requests, this package without its
 dependencies): Gradio pins Pillow below the release the API's decoder requires, and a client needs
-none of torch, Ray or the model. Only this module and `aigd/__init__.py` are imported there.
+none of torch, Ray or the model. Only this module, `aigd.client` and `aigd/__init__.py` are imported
+there.
 
 Tabs: Score (one image: each adapter's P(fake) and label, the ensemble's verdict with its threshold
 and uncertain band, versions, latency), Stability (the same image re-compressed and downscaled,
@@ -21,43 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import requests
 from PIL import Image
+
+from aigd.client import API_KEY_ENV, ApiError, Client
 
 # What people ask after "is it fake": does the answer survive a re-shared copy?
 VARIANTS = (("original", None), ("JPEG q95", 95), ("JPEG q75", 75), ("JPEG q50", 50), ("JPEG q30", 30),
             ("downscaled 1/2", "half"))
-
-
-class ApiError(Exception):
-    """The API's own error (status, code, message), or why it could not be reached."""
-
-
-class Client:
-    def __init__(self, api: str, api_key: str | None = None, timeout_s: float = 60.0):
-        self.api, self.timeout_s = api.rstrip("/"), timeout_s
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-
-    def post(self, path: str, files: list[tuple[str, bytes]]) -> dict:
-        try:
-            r = requests.post(f"{self.api}{path}", files=[("image", f) for f in files], headers=self.headers,
-                              timeout=self.timeout_s)
-        except requests.RequestException as e:
-            raise ApiError(f"cannot reach the API at {self.api}: {type(e).__name__}") from None
-        try:
-            body = r.json()
-        except ValueError:
-            raise ApiError(f"API answered {r.status_code} without JSON") from None
-        if r.status_code != 200:
-            err = body.get("error", {}) if isinstance(body, dict) else {}
-            raise ApiError(f"API error {r.status_code} {err.get('code', '')}: {err.get('message', '')}")
-        return body
-
-    def ensemble(self, name: str, data: bytes) -> dict:
-        return self.post("/v1/ensemble", [(name, data)])
-
-    def batch(self, items: list[tuple[str, bytes]]) -> dict:
-        return self.post("/v1/detect/batch?adapter=ensemble", items)
 
 
 def _band(answer: dict) -> str:
@@ -121,7 +92,7 @@ def build(client: Client, members: list[str]):
             return "Upload an image first.", []
         t0 = time.perf_counter()
         try:
-            answer = client.ensemble(Path(path).name, Path(path).read_bytes())
+            answer = client.score(Path(path).name, Path(path).read_bytes())
         except ApiError as e:
             return f"**{e}**", []
         return verdict_markdown(answer, (time.perf_counter() - t0) * 1000), member_rows(answer)
@@ -199,18 +170,16 @@ def _stability_plot(rows: list[list]):
     return pd.DataFrame({"copy": [r[0] for r in ok], "P(fake)": [r[-3] for r in ok], "label": [r[-2] for r in ok]})
 
 
-def serve_ui(api: str, host: str = "127.0.0.1", port: int = 7860, api_key_env: str = "AIGD_API_KEY",
+def serve_ui(api: str, host: str = "127.0.0.1", port: int = 7860, api_key_env: str = API_KEY_ENV,
              block: bool = True):
     """Start the page; its members are the API's ensemble members (asked once, from /v1/models)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     client = Client(api, os.environ.get(api_key_env))
     try:
-        r = requests.get(f"{client.api}/v1/models", headers=client.headers, timeout=30)
-        r.raise_for_status()
-        members = list(r.json()["ensemble"]["members"])
-    except (requests.RequestException, KeyError, ValueError) as e:
-        raise SystemExit(f"the API at {api} did not describe its models ({type(e).__name__}); start it first "
-                         "(make serve-demo)") from None
+        members = list(client.models()["ensemble"]["members"])
+    except (ApiError, KeyError, TypeError) as e:
+        raise SystemExit(f"the API at {api} did not describe its models ({e}); start it "
+                         "first (make serve-demo)") from None
     demo = build(client, members)
     demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, share=False, show_error=False)
     return demo
@@ -223,7 +192,7 @@ def main(argv=None) -> None:
     ap.add_argument("--api", default="http://127.0.0.1:8000", help="the detector API's base URL")
     ap.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless you mean to share it)")
     ap.add_argument("--port", type=int, default=7860)
-    ap.add_argument("--api-key-env", default="AIGD_API_KEY", help="env var holding the API key, if the API wants one")
+    ap.add_argument("--api-key-env", default=API_KEY_ENV, help="env var holding the API key, if the API wants one")
     args = ap.parse_args(argv)
     serve_ui(args.api, args.host, args.port, args.api_key_env)
 

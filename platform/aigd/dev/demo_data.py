@@ -1,11 +1,11 @@
 """A small, offline, deterministic dataset in SID_Set's format (parquet shards).
 
 Real rows are crops of real photographs that ship inside scikit-image and scikit-learn, scaled
-DOWN (so they carry no resampling trace). Synthetic rows are a PROXY of generator fingerprints,
-not a real generator: other crops of the same photos passed through an upsampling stage like a
-generator's last layers (2x box downsample then nearest-neighbour or stride-2 transposed-conv
-upsampling), which leaves periodic 2-px artefacts. Size, aspect ratio and file format are drawn
-independently of the label, so none of them is a shortcut (SID_Set itself leaks aspect ratio).
+DOWN (so they carry no resampling trace). Synthetic rows come in equal shares from the generator
+zoo (`aigd.dev.zoo`: a transposed-conv SR GAN, a resize-conv autoencoder, a VAE, a small DDPM and
+a plain resampling trace), trained on train-split photos only; a `generator` column names each
+row's family. Size, aspect ratio and file format are drawn per real/fake pair, independently of
+the label and the family, so none of them is a shortcut (SID_Set itself leaks aspect ratio).
 
 img_id is "<photo>/<index>": splitting on the photo name keeps crops of one photo in one split.
 """

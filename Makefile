@@ -6,6 +6,13 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 RAY := $(VENV)/bin/ray
 DASHBOARD := http://127.0.0.1:8265
+# Job output without two Ray 2.60 lines that mean nothing here (the job's log in the dashboard keeps them):
+# core_worker.cc's "constructor arguments in the object store" error, logged wherever a Ray Data actor pool starts,
+# since Ray Data hands restartable actors its own ray.put() arguments (ray-project/ray#57733); and Ray Data's
+# "Progress bars disabled" notice from each process that runs a training dataset (off there on purpose: the training
+# loop reports progress). PYTHONUNBUFFERED: through a pipe the CLI would print in 8 KB bursts.
+SUBMIT := set -o pipefail; PYTHONUNBUFFERED=1 $(RAY) job submit
+QUIET := grep --line-buffered -v -F -e 'has constructor arguments in the object store' -e 'Progress bars disabled. To enable'
 
 # Everything the demo writes (tiny model, data, runs, adapters) lives under AIGD_HOME.
 export AIGD_HOME ?= $(CURDIR)/.aigd
@@ -16,6 +23,9 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 # Local clusters on loopback only; use RAY_AUTH_MODE=token for anything shared.
 export RAY_AUTH_MODE ?= disabled
 export RAY_DEDUP_LOGS := 0
+# Ray Train's preemption watcher follows nodes being drained; this cluster is one node, and creating the watcher logs
+# core_worker.cc's "constructor arguments in the object store" error (a false alarm for its actor-handle arguments).
+export RAY_TRAIN_ENABLE_PREEMPTION_WATCHER := 0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 # `ray start` hands its PATH to job drivers: their `python` must be this venv's.
@@ -55,12 +65,12 @@ cluster: setup
 	@echo "Ray dashboard: $(DASHBOARD)"
 
 train-demo: cluster tiny-model demo-data
-	$(RAY) job submit --address $(DASHBOARD) --working-dir . \
+	$(SUBMIT) --address $(DASHBOARD) --working-dir . \
 		--runtime-env-json '{"env_vars": {"AIGD_HOME": "$(AIGD_HOME)", "HF_HUB_OFFLINE": "1"}}' \
-		-- python jobs/train_method1.py --config configs/demo_method1.yaml
-	$(RAY) job submit --address $(DASHBOARD) --working-dir . \
+		-- python jobs/train_method1.py --config configs/demo_method1.yaml | $(QUIET)
+	$(SUBMIT) --address $(DASHBOARD) --working-dir . \
 		--runtime-env-json '{"env_vars": {"AIGD_HOME": "$(AIGD_HOME)", "HF_HUB_OFFLINE": "1"}}' \
-		-- python jobs/train_method2.py --config configs/demo_method2.yaml
+		-- python jobs/train_method2.py --config configs/demo_method2.yaml | $(QUIET)
 
 score-demo: setup
 	@for method in method1 method2; do \
@@ -71,9 +81,9 @@ score-demo: setup
 
 # Both adapters and their ensemble on the demo test split: robustness sweep, calibration, report.
 eval-demo: cluster
-	$(RAY) job submit --address $(DASHBOARD) --working-dir . \
+	$(SUBMIT) --address $(DASHBOARD) --working-dir . \
 		--runtime-env-json '{"env_vars": {"AIGD_HOME": "$(AIGD_HOME)", "HF_HUB_OFFLINE": "1"}}' \
-		-- python jobs/evaluate.py --config configs/eval_demo.yaml
+		-- python jobs/evaluate.py --config configs/eval_demo.yaml | $(QUIET)
 	@echo "Evaluation report: $(AIGD_HOME)/eval/report.html"
 
 # The detector app on the demo cluster: both adapters on one base, router on http://127.0.0.1:8000.

@@ -53,7 +53,8 @@ def scoring_dataset(cfg: C.EvalConfig, cat: Catalog, split: str, perturbations: 
                                                          policy=cfg.image),
                           batch_format="pyarrow", batch_size=None, num_cpus=cfg.decode_cpus)
     return ds.map_batches(E.ScoringActor, fn_constructor_kwargs=dict(cfg=C.to_dict(cfg)), batch_format="numpy",
-                          batch_size=cfg.batch_size, concurrency=cfg.scorers, num_cpus=cfg.scorer_cpus,
+                          batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.scorers),
+                          num_cpus=cfg.scorer_cpus,
                           num_gpus=cfg.scorer_gpus or None)
 
 

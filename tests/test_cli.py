@@ -88,6 +88,7 @@ def test_score_batch_checks_its_output_and_input_before_loading_the_model(tmp_pa
     assert not list(tmp_path.glob("s.jsonl*")) and not (tmp_path / "scores.csv").exists()
 
 
+@pytest.mark.slow  # a model or process group of its own: seconds, not the edit loop
 def test_score_batch_streams_rows_in_input_order_into_parquet(tmp_path, tiny_model, adapters):
     images = _images(tmp_path / "imgs")
     (images["a"].parent / "notes.txt").write_text("not an image")
@@ -105,6 +106,7 @@ def test_score_batch_streams_rows_in_input_order_into_parquet(tmp_path, tiny_mod
     assert os.listdir(out.parent) == ["scores.parquet"]  # the .partial file became the output
 
 
+@pytest.mark.slow  # a model or process group of its own: seconds, not the edit loop
 def test_score_exits_1_when_an_image_fails_and_still_prints_every_answer(tmp_path, adapters):
     images = _images(tmp_path / "imgs")
     adapter = f"method1={adapters['method1']}"

@@ -4,6 +4,7 @@ import io
 from collections import Counter
 
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 from conftest import SMALL_DEMO, small_zoo
@@ -49,6 +50,7 @@ def test_deterministic(tmp_path, demo_data):
     assert a.equals(b)
 
 
+@pytest.mark.slow  # a model or process group of its own: seconds, not the edit loop
 def test_every_family_makes_an_equal_share_of_the_fakes(demo_data):
     t = pq.ParquetDataset(sorted(str(p) for p in (demo_data / "data").glob("*.parquet"))).read().to_pylist()
     fakes = Counter(r["generator"] for r in t if r["label"] == 1 and r["img_id"] not in _unreadable(t))

@@ -44,6 +44,7 @@ except ManifestMismatch as e:
 """
 
 
+@pytest.mark.slow  # a model or process group of its own: seconds, not the edit loop
 def test_cached_hub_ids_load_offline_and_another_checkpoint_is_refused(tiny_model, tmp_path):
     """Two checkpoints with the same architecture (as Qwen's and Unsloth's 4-bit copy of it are), both
     in the offline Hugging Face cache: an adapter trained on one is refused on the other, both named."""

@@ -278,6 +278,7 @@ def _gather_worker(rank: int, world: int, port: int, out) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # a model or process group of its own: seconds, not the edit loop
 def test_validation_gather_over_a_real_process_group_with_uneven_shares():
     import socket
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray
+import ray.data
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -38,10 +39,13 @@ def load_config(description: str, preset: dict, argv=None) -> C.TrainJobConfig:
 
 def init_ray(cfg: C.TrainJobConfig) -> None:
     """Join the cluster of `ray job submit` (RAY_ADDRESS) or start a local one for `python jobs/...`."""
+    # Ray Train 2.60 prints each print() of a worker twice: its print patch logs the line and, since Ray's workers
+    # replace sys.stdout, also tees it there (ray/train/v2/_internal/logging/patch_print.py). Train passes this on
+    # to its controller and workers; a print then goes to the worker's stdout once.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
     configure_execution(cfg.data)
-    ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 def check_storage(cfg: C.TrainJobConfig, n_nodes: int) -> None:
@@ -106,7 +110,7 @@ def make_datasets(cfg: C.TrainJobConfig, plan: DataPlan) -> dict:
         every = build("train", None, 0, None).materialize()  # decoded and encoded once
         ds = {f"train_{e}": every.map_batches(keep_sampled, fn_kwargs=dict(sample=plan.balance[e]),
                                               batch_format="numpy", num_cpus=LIGHT_STAGE_CPUS,
-                                              concurrency=LIGHT_STAGE_TASKS)
+                                              compute=ray.data.TaskPoolStrategy(size=LIGHT_STAGE_TASKS))
               if plan.balance[e] is not None else every for e in range(cfg.optim.epochs)}
     else:
         ds = {f"train_{e}": build("train", cfg.augment, e, plan.balance[e]) for e in range(cfg.optim.epochs)}
@@ -134,6 +138,8 @@ def make_trainer(cfg: C.TrainJobConfig, plan: DataPlan, datasets: dict, hooks=()
         resources["GPU"] = s.gpus_per_worker
     loop_config = {"cfg": C.to_dict(cfg), "steps_per_epoch": steps_per_epoch(cfg, plan.train_rows),
                    "counter": counter_name(cfg), "hooks": list(hooks)}
+    for ds in datasets.values():  # progress bars on the driver only: in training the loop reports progress
+        ds.context.enable_progress_bars = False
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,

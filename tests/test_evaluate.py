@@ -178,8 +178,13 @@ def test_batch_scorer_writes_a_row_per_image_and_a_reason_per_unreadable_one(tmp
 
 
 def test_evaluate_job_scores_the_test_split_and_writes_the_report(tmp_path, tiny_model, adapters, demo_data,
-                                                                 ray_local):
+                                                                 ray_local, monkeypatch):
     import evaluate as job
+    from aigd import sources
+
+    reads = []  # the source's metadata, opened once for the val split (calibration) and the test split
+    real = sources.pq.ParquetDataset
+    monkeypatch.setattr(sources.pq, "ParquetDataset", lambda *a, **k: reads.append(1) or real(*a, **k))
 
     work = tmp_path / "adapters"
     shutil.copytree(adapters["method1"], work / "method1")
@@ -188,6 +193,7 @@ def test_evaluate_job_scores_the_test_split_and_writes_the_report(tmp_path, tiny
                         perturbations=["clean", "jpeg_q50", "equalized"], bootstrap=20, calibrate=True,
                         scorer_cpus=0.5, batch_size=32, group_by=["generator"])
     report = job.main(argv)
+    assert len(reads) == 1
     metrics = json.loads((report.parent / "metrics.json").read_text())
     clean = metrics["metrics"]["clean"]
     assert set(clean) == {"method1", "method2", "ensemble"}

@@ -174,6 +174,10 @@ class RunConfig:
     export_dir: str = "${AIGD_HOME:-~/.cache/aigd}/adapters/method1"  # folder the adapter + manifest.json go to
     num_to_keep: int = 2  # newest checkpoints kept (each carries the best weights so far)
     max_failures: int = 1  # restarts from the latest checkpoint after a worker failure before the run fails
+    # Console level of Ray Train's own `ray.train` logs. At INFO it prints every report's whole metrics
+    # dict once per rank and every checkpoint's path; the loop prints one line per evaluation, and
+    # Ray Train's session log files keep every level either way.
+    train_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
 
 
 @dataclass(frozen=True)

@@ -149,7 +149,8 @@ def make_trainer(cfg: C.TrainJobConfig, plan: DataPlan, datasets: dict, hooks=()
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=cfg.run.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures)),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            logging_config=ray.train.LoggingConfig(log_level=cfg.run.train_log_level)),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=[k for k in datasets if k.startswith("train_")]),
     )

@@ -11,6 +11,7 @@ validation scores on every rank, so no rank can disagree.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import random
 import tempfile
@@ -134,6 +135,7 @@ class Trainer:
         self.hooks: list[TrainerHook] = list(config.get("hooks", ()))
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        quiet_report_log(self.cfg.run.train_log_level)
         self.state, self.best, self.restored = LoopState(next_eval_at=self.o.eval_every_samples), None, None
 
     def fit(self) -> None:
@@ -317,6 +319,14 @@ class Trainer:
     def say(self, line: str) -> None:
         if self.rank == 0:
             print(line, flush=True)
+
+
+def quiet_report_log(level: str) -> None:
+    """Ray 2.60 logs every report (its whole metrics dict, once per rank) under a logger named by its
+    file path, outside `ray.train`, so `run.train_log_level` (Ray Train's LoggingConfig) misses it."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(level)
 
 
 def val_numbers(val: dict) -> dict:

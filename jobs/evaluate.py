@@ -6,11 +6,18 @@
 Reads the split (same hash split as training) or a whole parquet / image folder (split=all),
 decodes each image once and scores it clean and after every perturbation with Ray Data batch
 inference: an actor pool whose actors each hold one base model with every adapter.
+
+Each adapter reference is pinned to one registry version at the start; calibration publishes new
+versions (same weights, new calibration) and the split is scored with those. Every evaluated
+version gets the figures recorded beside it in the registry, keyed by the evaluation set, which is
+what `aigd promote` compares.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -21,10 +28,11 @@ import pyarrow.parquet as pq
 import ray
 
 from aigd import config as C
+from aigd import registry
 from aigd import report as R
 from aigd import evaluation as E
 from aigd.data import configure_execution, planned_rows
-from aigd.manifest import policy_for, update_calibration
+from aigd.manifest import policy_for, recalibrated
 from aigd.sampling import Catalog
 from aigd.sources import metadata, resolve_source
 
@@ -35,6 +43,7 @@ def parse_args(argv=None) -> C.EvalConfig:
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. split=val bootstrap=500")
     args = ap.parse_args(argv)
     cfg = C.load(C.EvalConfig, args.config, args.overrides)  # validated on load
+    cfg = C.replace(cfg, adapters={n: registry.resolve(r).uri for n, r in cfg.adapters.items()})  # pinned
     return C.replace(cfg, image=policy_for(cfg))  # the expand stage prepares images before any Scorer exists
 
 
@@ -98,6 +107,41 @@ def score(cfg: C.EvalConfig, cat: Catalog, split: str, perturbations: list[str])
     return scores, rows_in - n_out
 
 
+def calibrate(cfg: C.EvalConfig, cat: Catalog, extra: dict) -> C.EvalConfig:
+    """Refit each adapter's temperature and thresholds on val; publish them as new versions, which
+    the rest of the job scores."""
+    val, _ = score(cfg, cat, "val", ["clean"])
+    extra["calibration"] = E.calibration_report(val["label"], val, list(cfg.adapters), cfg.target_fpr)
+    adapters = dict(cfg.adapters)
+    for name, fitted in extra["calibration"].items():
+        new = recalibrated(registry.resolve(adapters[name]), fitted, fitted_by="jobs/evaluate.py")
+        adapters[name] = new.uri
+        print(f"[calibration] {name}: T={fitted['temperature']:.3f} ECE {fitted['ece_before']:.3f} -> "
+              f"{fitted['ece_after']:.3f}; threshold at FPR {cfg.target_fpr}: "
+              f"{fitted['threshold_at_target_fpr']:.3f} (published as version {new.version})")
+    return C.replace(cfg, adapters=adapters)
+
+
+def evaluation_set(cfg: C.EvalConfig, cat: Catalog) -> dict:
+    """What the figures were measured on: the same id means the same images (by img_id) of the same split."""
+    ids = sorted(str(i) for i in np.asarray(cat.ids)[cat.in_split(cfg.split)])
+    digest = hashlib.sha256(json.dumps([cfg.split, ids]).encode()).hexdigest()[:12]
+    return {"id": f"{cfg.split}-{digest}", "split": cfg.split, "source": cfg.data.source, "path": cfg.data.path,
+            "n_rows": len(ids), "perturbations": list(cfg.perturbations)}
+
+
+def gated_figures(summary: dict, member: str) -> dict:
+    """`<perturbation>.<metric>` -> value: the scalar figures of one member, as gates name them."""
+    return {f"{pert}.{k}": v for pert, by_member in summary["metrics"].items()
+            for k, v in by_member.get(member, {}).items() if isinstance(v, (int, float))}
+
+
+def record(cfg: C.EvalConfig, evalset: dict, summary: dict, report: Path) -> None:
+    for name, uri in cfg.adapters.items():
+        where = registry.record_evaluation(registry.resolve(uri), evalset, gated_figures(summary, name), str(report))
+        print(f"[evaluate] {name}: figures recorded for version {registry.resolve(uri).version} ({where})")
+
+
 def main(argv=None) -> Path:
     cfg = parse_args(argv)
     if not ray.is_initialized():
@@ -108,13 +152,8 @@ def main(argv=None) -> Path:
     extra: dict = {"config": C.to_dict(cfg)}
     cat = catalog(cfg)
     if cfg.calibrate:
-        val, _ = score(cfg, cat, "val", ["clean"])
-        extra["calibration"] = E.calibration_report(val["label"], val, list(cfg.adapters), cfg.target_fpr)
-        for name, fitted in extra["calibration"].items():
-            update_calibration(cfg.adapters[name], fitted, fitted_by="jobs/evaluate.py")
-            print(f"[calibration] {name}: T={fitted['temperature']:.3f} ECE {fitted['ece_before']:.3f} -> "
-                  f"{fitted['ece_after']:.3f}; threshold at FPR {cfg.target_fpr}: "
-                  f"{fitted['threshold_at_target_fpr']:.3f} (written to {cfg.adapters[name]}/manifest.json)")
+        cfg = calibrate(cfg, cat, extra)
+        extra["config"] = C.to_dict(cfg)
     scores, unreadable = score(cfg, cat, cfg.split, list(cfg.perturbations))
     if not len(scores.get("label", [])):
         raise SystemExit(f"no readable images in split {cfg.split!r} of {cfg.data.path}")
@@ -123,7 +162,9 @@ def main(argv=None) -> Path:
     extra["unreadable_images"] = unreadable
     extra["n_images"] = int(np.sum(scores["perturbation"] == "clean"))
     out = Path(cfg.out_dir)
+    extra["evaluation_set"] = evaluation_set(cfg, cat)
     report = R.write_report(scores, summary, cfg, extra, out)
+    record(cfg, extra["evaluation_set"], summary, report)
     pq.write_table(pa.table(E.predictions(scores, cfg)), out / "predictions.parquet")
     print(f"\n{R.text_table(summary)}\n")
     print(f"{extra['n_images']} images ({unreadable} unreadable, skipped) x {len(cfg.perturbations)} perturbations "

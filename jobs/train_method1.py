@@ -12,9 +12,8 @@ checkpoints) -> export (calibrated on the val split, adapter + manifest).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from aigd import train as T
+from aigd.registry import Version
 
 METHOD = "method1"
 # What makes this Method 1; a config may still override any of it (the manifest records what ran).
@@ -25,7 +24,7 @@ PRESET = {
 }
 
 
-def main(argv=None, hooks=()) -> Path:
+def main(argv=None, hooks=()) -> Version:
     return T.run(METHOD, PRESET, __doc__.splitlines()[0], argv, hooks)
 
 

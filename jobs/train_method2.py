@@ -10,9 +10,8 @@ Same steps as Method 1 (`aigd.train.run`); what differs is the PRESET below.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from aigd import train as T
+from aigd.registry import Version
 
 METHOD = "method2"
 # What makes this Method 2; a config may still override any of it (the manifest records what ran).
@@ -24,7 +23,7 @@ PRESET = {
 }
 
 
-def main(argv=None, hooks=()) -> Path:
+def main(argv=None, hooks=()) -> Version:
     return T.run(METHOD, PRESET, __doc__.splitlines()[0], argv, hooks)
 
 

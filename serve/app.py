@@ -20,6 +20,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from aigd import config as C
+from aigd import registry
 from aigd.decision import ENSEMBLE, ensemble_answer
 from aigd.errors import (AdapterUnavailable, AigdError, DeadlineExceeded, MemberFailed, Overloaded, ReplicaLost,
                          UnknownAdapter, error_body, http_status)
@@ -236,9 +237,21 @@ def deployment_options(cfg: C.ServeConfig) -> tuple[dict, dict]:
     return detector, router
 
 
+def pinned(cfg: C.ServeConfig) -> C.ServeConfig:
+    """Each adapter reference (a registry entry means its newest version) resolved once, here: every
+    replica, including those autoscaling adds later, starts from the same versions."""
+    out = {}
+    for name, ref in cfg.adapters.items():
+        try:
+            out[name] = registry.resolve(ref).uri
+        except registry.VersionError:
+            out[name] = ref  # the replica refuses it with this reason (detector.on_adapter_error)
+    return C.replace(cfg, adapters=out)
+
+
 def build_app(args: dict):
     """Serve's application builder: `import_path: serve.app:build_app`, the ServeConfig as `args`."""
-    cfg = C.from_dict(C.ServeConfig, dict(args))  # ServeConfig.validate: adapters, ensemble members
+    cfg = pinned(C.from_dict(C.ServeConfig, dict(args)))  # ServeConfig.validate: adapters, ensemble members
     raw = C.to_dict(cfg)  # expanded, validated, plain data for the replicas
     det_opts, router_opts = deployment_options(cfg)
     return Router.options(**router_opts).bind(Detector.options(**det_opts).bind(raw), raw)

@@ -1,7 +1,14 @@
 """The model replica: an aigd.scorer.Scorer (the base model with every adapter) behind Serve's
-request batching. Importing this module loads nothing; the model loads in the replica."""
+request batching. Importing this module loads nothing; the model loads in the replica.
+
+Its `user_config` (aigd.config.ServingVersions) names the version each adapter serves and the
+candidates in shadow; Serve calls `reconfigure` on every running replica when it changes
+(`aigd promote`), and the replica keeps answering meanwhile.
+"""
 
 import asyncio
+import logging
+import random
 import time
 
 import numpy as np
@@ -10,7 +17,10 @@ from ray import serve
 from aigd import config as C
 from aigd.errors import AdapterUnavailable, AigdError, error_body
 
+log = logging.getLogger("ray.serve")
+
 BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64]
+P_DIFF = [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0]
 UNHEALTHY_AFTER = 3  # consecutive batches where every adapter failed
 
 
@@ -32,6 +42,35 @@ class Detector:
         self.failed_batches = 0
         self.batch_sizes = Histogram("aigd_batch_size", description="images per model batch",
                                      boundaries=BATCH_SIZES)
+        self.shadow = ShadowScoring(self.scorer)
+        self.refused: dict[str, dict] = {}  # adapter -> the version a reconfigure could not load, and why
+
+    async def reconfigure(self, user_config: dict) -> None:
+        """Switch adapters to the named versions and set the shadows. A version that fails to load
+        is recorded (see /v1/models) and changes nothing: this replica keeps its old version."""
+        want = C.from_dict(C.ServingVersions, user_config or {})
+        await asyncio.to_thread(self._apply, want)
+
+    def _apply(self, want: C.ServingVersions) -> None:
+        refused = {}
+        for name, version in want.versions.items():
+            try:
+                self.scorer.switch(name, self._ref(name, version))
+            except Exception as e:  # noqa: BLE001 - a bad version must never take the replica down
+                log.error("adapter %s: version %s refused: %s", name, version, e)
+                refused[name] = {"version": version, "error": str(e)}
+        for name in set(self.scorer.shadows) | set(want.shadow):
+            shadow = want.shadow.get(name)
+            try:
+                self.scorer.set_shadow(name, self._ref(name, shadow.version) if shadow else None)
+            except Exception as e:  # noqa: BLE001
+                log.error("adapter %s: shadow version %s refused: %s", name, shadow and shadow.version, e)
+                refused[f"{name} (shadow)"] = {"version": shadow and shadow.version, "error": str(e)}
+        self.shadow.shares = {n: s.share for n, s in want.shadow.items() if n in self.scorer.shadows}
+        self.refused = refused
+
+    def _ref(self, name: str, version: str) -> str:
+        return f"{self.scorer.member(name).version.entry}/{version}"
 
     async def score(self, image: np.ndarray, adapters: tuple[str, ...]) -> dict:
         t0 = time.perf_counter()
@@ -43,8 +82,9 @@ class Detector:
     async def _score(self, items: list[tuple[np.ndarray, tuple[str, ...]]]) -> list:
         self.batch_sizes.observe(len(items))
         # A worker thread, so health checks and /v1/models stay answered during a forward pass.
-        results = await asyncio.to_thread(self.scorer.score_requests, [a for a, _ in items],
-                                          [names for _, names in items])
+        images, wanted = [a for a, _ in items], [names for _, names in items]
+        results = await asyncio.to_thread(self.scorer.score_requests, images, wanted)
+        self.shadow.after(images, wanted, results)  # in the background: the answers leave now
         all_failed = all(isinstance(v, Exception) for r in results for v in r.values())
         self.failed_batches = self.failed_batches + 1 if all_failed else 0
         return [({name: self._member(name, v) for name, v in r.items()}, len(items)) for r in results]
@@ -58,8 +98,64 @@ class Detector:
         return value
 
     def info(self) -> dict:
-        return {**self.scorer.describe(), "replica": self.replica}
+        return {**self.scorer.describe(), "replica": self.replica, "refused_versions": self.refused}
 
     def check_health(self) -> None:
         if self.failed_batches >= UNHEALTHY_AFTER:
             raise RuntimeError(f"every adapter failed on the last {self.failed_batches} batches")
+
+
+class ShadowScoring:
+    """Scores a share of live images again with each member's shadow version, after their answers
+    have left, and exports how the two agree. At most one shadow forward runs at a time: a live
+    batch waits for at most one (the scoring lock), and images that would queue behind it are
+    skipped and counted instead."""
+
+    def __init__(self, scorer):
+        from ray.serve.metrics import Counter, Histogram
+
+        self.scorer = scorer
+        self.shares: dict[str, float] = {}
+        self.running: asyncio.Task | None = None
+        tags = ("adapter", "serving", "candidate")
+        self.scored = Counter("aigd_shadow_images_total", description="images scored in shadow", tag_keys=tags)
+        self.agreed = Counter("aigd_shadow_agreements_total", description="shadow answers with the serving label",
+                              tag_keys=tags)
+        self.flips = Counter("aigd_shadow_label_flips_total", description="shadow answers with another label",
+                             tag_keys=(*tags, "serving_label", "candidate_label"))
+        self.skipped = Counter("aigd_shadow_skipped_total", description="sampled images skipped: shadow busy",
+                               tag_keys=("adapter",))
+        self.diff = Histogram("aigd_shadow_p_fake_abs_diff", description="|P(fake) candidate - serving|",
+                              boundaries=P_DIFF, tag_keys=tags)
+
+    def after(self, images: list, wanted: list, results: list[dict]) -> None:
+        for name, share in self.shares.items():
+            picked = [i for i, names in enumerate(wanted) if name in names and "error" not in
+                      _as_dict(results[i].get(name)) and random.random() < share]
+            if not picked:
+                continue
+            if self.running is not None and not self.running.done():
+                self.skipped.inc(len(picked), tags={"adapter": name})
+                continue
+            self.running = asyncio.create_task(self._score(name, [images[i] for i in picked],
+                                                           [results[i][name] for i in picked]))
+
+    async def _score(self, name: str, images: list, serving: list[dict]) -> None:
+        try:
+            p, cand = await asyncio.to_thread(self.scorer.member_p_fake, images, name, True)
+        except Exception:  # noqa: BLE001 - shadow work never reaches a client
+            log.exception("shadow scoring of %s failed", name)
+            return
+        for live, pc in zip(serving, p):
+            shadow = self.scorer.answer(cand, float(pc))
+            tags = {"adapter": name, "serving": live["model"]["version"], "candidate": cand.version.version}
+            self.scored.inc(tags=tags)
+            self.diff.observe(abs(float(pc) - live["p_fake"]), tags=tags)
+            if shadow["label"] == live["label"]:
+                self.agreed.inc(tags=tags)
+            else:
+                self.flips.inc(tags={**tags, "serving_label": live["label"], "candidate_label": shadow["label"]})
+
+
+def _as_dict(value) -> dict:
+    return value if isinstance(value, dict) else {"error": value}

@@ -82,8 +82,15 @@ def ray_local():
 
     # Train workers unpickle the recipes' loop functions by module name (jobs/train_method*.py).
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "jobs"), os.environ.get("PYTHONPATH", "")])
-    ray.init(address="local", num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False,
-             log_to_driver=True)
+    from helpers import free_port
+
+    # The dashboard serves the Serve REST API (promotion) and a metrics port Prometheus text (shadow report).
+    metrics_port = free_port()
+    ctx = ray.init(address="local", num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=True,
+                   dashboard_host="127.0.0.1", dashboard_port=free_port(), _metrics_export_port=metrics_port,
+                   log_to_driver=True)
+    os.environ["AIGD_DASHBOARD"] = f"http://{ctx.dashboard_url}"
+    os.environ["AIGD_TEST_METRICS"] = f"http://127.0.0.1:{metrics_port}/metrics"
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
@@ -96,38 +103,9 @@ def processor(tiny_model):
     return AutoProcessor.from_pretrained(tiny_model)
 
 
-SERVE_POLICY = dict(max_pixels=140 * 140, min_pixels=56 * 56, prompt="Real/Fake?", prompt_version="v1")
-
-
-def calibration(temperature: float, threshold: float) -> dict:
-    return {"temperature": temperature, "threshold": threshold, "threshold_rule": "test", "target_fpr": 0.05,
-            "threshold_at_target_fpr": threshold, "uncertain_band": None, "band_precision": 0.95,
-            "ece_before": 0.0, "ece_after": 0.0, "n": 0}
-
-
-def make_adapter(tiny_model: Path, out: Path, seed: int, temperature: float, method: str, threshold: float = 0.5,
-                 **policy_changes) -> Path:
-    """A real exported adapter folder (peft safetensors + manifest) with random, non-zero LoRA weights."""
-    import torch
-
-    from aigd.config import ImagePolicy, LoraConfig, ModelConfig
-    from aigd.manifest import new_manifest, write_adapter
-    from aigd.model import load_for_training
-
-    model, _, base = load_for_training(ModelConfig(name_or_path=str(tiny_model), load_in_4bit=False,
-                                                   gradient_checkpointing=False), LoraConfig(seed=seed),
-                                       torch.device("cpu"))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    raw = out.parent / f"{out.name}-peft"
-    model.save_pretrained(raw)
-    manifest = new_manifest(method=method, base=base, policy=ImagePolicy(**{**SERVE_POLICY, **policy_changes}),
-                            lora={}, training={}, data={}, val_metrics={},
-                            calibration=calibration(temperature, threshold))
-    return write_adapter(raw, out, manifest)
+from aigd.dev.adapters import SMALL_POLICY as SERVE_POLICY  # noqa: E402  (sys.path is set above)
+from aigd.dev.adapters import calibration  # noqa: E402,F401
+from aigd.dev.adapters import random_adapter as make_adapter  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")

@@ -51,22 +51,28 @@ def _scores(n=400, scale=6.0, seed=0):
     return y, {"label": y, "z_real_m": np.zeros(n), "z_fake_m": margin, "temperature_m": np.ones(n)}
 
 
-def test_calibration_lowers_ece_and_is_written_to_the_manifest(tmp_path):
+def test_calibration_lowers_ece_and_is_published_as_a_new_version(tmp_path):
     y, scores = _scores()
-    from aigd.manifest import FORMAT_VERSION, update_calibration
+    from aigd import registry
+    from aigd.manifest import FORMAT_VERSION, read_manifest, recalibrated
 
     fitted = E.calibration_report(y, scores, ["m"], target_fpr=0.05)["m"]
     assert fitted["temperature"] > 2
     assert fitted["ece_after"] < 0.5 * fitted["ece_before"] == 0.5 * fitted["ece_manifest_temperature"]
     p = 1 / (1 + np.exp(-scores["z_fake_m"] / fitted["temperature"]))
     assert np.mean(p[y == 0] >= fitted["threshold_at_target_fpr"]) <= 0.05 + 1e-9
-    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
-    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION,
-                                                        "calibration": calibration(1.0, 0.5)}))
-    update_calibration(tmp_path, fitted, fitted_by="jobs/evaluate.py")
-    cal = json.loads((tmp_path / "manifest.json").read_text())["calibration"]
+    files = {registry.WEIGHTS: b"weights", registry.ADAPTER_CONFIG: b"{}"}
+    old = registry.publish(str(tmp_path / "m"), files, {"format_version": FORMAT_VERSION,
+                                                         "calibration": calibration(1.0, 0.5)})
+    before = (tmp_path / "m" / old.version / "manifest.json").read_bytes()
+    new = recalibrated(old, fitted, fitted_by="jobs/evaluate.py")
+    assert new != old and (tmp_path / "m" / old.version / "manifest.json").read_bytes() == before  # never edited
+    manifest = read_manifest(new.uri)
+    cal = manifest["calibration"]
     assert cal["temperature"] == fitted["temperature"] and cal["threshold_at_target_fpr"] == fitted["threshold_at_target_fpr"]
     assert cal["fitted_by"] == "jobs/evaluate.py" and "ece_manifest_temperature" not in cal  # one schema
+    assert manifest["adapter"]["parent"] == old.version and registry.files_of(new.uri) == files
+    assert registry.resolve(str(tmp_path / "m")) == new  # the entry's newest version
 
 
 def test_report_folder_holds_the_pngs_and_the_html_references_them(tmp_path):

@@ -106,5 +106,5 @@ def test_concurrent_scoring_never_mixes_adapters(scorer):
     finally:
         hook.remove()
     assert not errors and len(seen) == 30 and all(locked for locked, _ in seen)
-    assert {a for _, a in seen} == {"method1", "method2"}
+    assert {a for _, a in seen} == {scorer.members[a].peft_name for a in ("method1", "method2")}
     assert not any(p.requires_grad for p in scorer.model.parameters())  # inference-mode adapters

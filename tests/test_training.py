@@ -230,7 +230,7 @@ def test_manifest_refuses_another_base_or_policy(tmp_path):
     from aigd.errors import ManifestMismatch
     from aigd.manifest import check_compatible, read_manifest
 
-    with pytest.raises(ManifestMismatch, match="safetensors"):
+    with pytest.raises(ManifestMismatch, match="no published adapter version"):
         read_manifest(tmp_path)
     nf4 = {"quant_method": "bitsandbytes", "bnb_4bit_quant_type": "nf4", "llm_int8_skip_modules": ["lm_head"]}
     trained = {"checkpoint": "unsloth/Qwen2.5-VL-7B-Instruct-unsloth-bnb-4bit", "revision": None, "backend": "unsloth",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from aigd import cli_lifecycle
 from aigd import config as C
 from aigd.errors import AigdError
 
@@ -19,13 +20,14 @@ EXAMPLES = {
     "tiny-model": ["aigd tiny-model --out .aigd/tiny-qwen2.5-vl"],
     "demo-data": ["aigd demo-data --config configs/demo_data.yaml",
                   "aigd demo-data --config configs/demo_data.yaml rows_per_class=50"],
-    "score": ["aigd score --adapter .aigd/adapters/method2 photo.jpg other.png",
+    "score": ["aigd score --adapter .aigd/adapters/method2 photo.jpg other.png   # its newest version",
               "aigd score --adapter m1=.aigd/adapters/method1 --adapter m2=.aigd/adapters/method2 photo.jpg",
               "aigd score --api http://127.0.0.1:8000 photo.jpg other.png",
               "AIGD_API_KEY=KEY aigd score --api https://aigd.example.com --adapter method1 photo.jpg"],
     "score-batch": ["aigd score-batch --config configs/eval_demo.yaml --input FOLDER_OR_PARQUET --out scores.parquet",
                     "aigd score-batch --config configs/eval_demo.yaml --input FOLDER --out scores.jsonl "
                     "--batch-size 8"],
+    **cli_lifecycle.EXAMPLES,
 }
 
 OVERRIDES = "dotted config overrides, KEY=VALUE (e.g. model.load_in_4bit=false)"
@@ -79,8 +81,9 @@ def scoring_config(adapters: list[str], model: str | None, build_tiny: bool = Fa
     """A ScoringConfig from adapter folders alone: the base, its revision and quantization and the
     image policy come from their manifests, so nothing is re-typed (`--model` picks another copy)."""
     from aigd.manifest import read_manifest
+    from aigd.registry import resolve
 
-    named = dict(a.split("=", 1) if "=" in a else (Path(a).name, a) for a in adapters)
+    named = dict(a.split("=", 1) if "=" in a else (resolve(a).name, a) for a in adapters)
     base = read_manifest(next(iter(named.values())))["base"]
     model_cfg = C.ModelConfig(name_or_path=model or base["name_or_path"], revision=base.get("revision"),
                               load_in_4bit=base.get("quantization") is not None,
@@ -161,7 +164,8 @@ def _positive_int(text: str) -> int:
 def _subcommand(sub, name: str, fn, summary: str, description: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=summary, description=description or summary, epilog=_examples(name),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.set_defaults(fn=fn)
+    if fn is not None:
+        p.set_defaults(fn=fn)
     return p
 
 
@@ -200,12 +204,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("overrides", nargs="*", help=OVERRIDES)
     _add_score(sub)
     _add_score_batch(sub)
+    cli_lifecycle.add_commands(sub, _subcommand)
     return ap
 
 
 def main(argv=None) -> int:
     """The exit status: 0 done, 1 some image failed (`score`), 2 the command could not run."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `a.b=c` overrides may also follow the options (argparse takes positionals in one run).
+    if extra and isinstance(getattr(args, "overrides", None), list) and \
+            all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from aigd.batch_score import OutputError  # after parsing: `--version` and `--help` need no pyarrow
     from aigd.sources import DataError
 

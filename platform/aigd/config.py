@@ -171,7 +171,7 @@ class RunConfig:
     # s3://, gs://, or a shared mount declared with shared_storage: true. AIGD_STORAGE names it for all configs.
     storage_path: str = "${AIGD_STORAGE:-${AIGD_HOME:-~/.cache/aigd}/runs}"
     shared_storage: bool = False  # storage_path is a local path mounted on every node (NFS, Lustre)
-    export_dir: str = "${AIGD_HOME:-~/.cache/aigd}/adapters/method1"  # folder the adapter + manifest.json go to
+    export_dir: str = "${AIGD_HOME:-~/.cache/aigd}/adapters/method1"  # registry entry: each export adds a <version>/
     num_to_keep: int = 2  # newest checkpoints kept (each carries the best weights so far)
     max_failures: int = 1  # restarts from the latest checkpoint after a worker failure before the run fails
     # Console level of Ray Train's own `ray.train` logs. At INFO it prints every report's whole metrics
@@ -300,7 +300,7 @@ class ScoringConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)  # the base; it must be the one the adapters trained on
     image: Optional[ImagePolicy] = None  # None: the policy the adapters were trained with (their manifests)
-    adapters: dict[str, str] = field(default_factory=dict)  # name -> exported adapter folder
+    adapters: dict[str, str] = field(default_factory=dict)  # name -> registry entry (its newest version) or version folder
     thresholds: dict[str, float] = field(default_factory=dict)  # name -> decision threshold (default: manifest)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)  # how the adapters' answers are combined
 
@@ -313,6 +313,26 @@ class ScoringConfig:
 
 
 @dataclass(frozen=True)
+class ShadowConfig:
+    version: str  # the candidate version scored beside the serving one; it never changes an answer
+    share: float = 0.1  # fraction of the member's live images also scored by the candidate, in (0, 1]
+
+    def validate(self) -> None:
+        if not 0 < self.share <= 1:
+            raise ConfigError(f"shadow share {self.share}: must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class ServingVersions:
+    """The Detector deployment's `user_config`: which registry version answers for each adapter and
+    which candidate shadows it. `aigd promote` changes it in place (Serve calls `reconfigure` on the
+    running replicas); empty: the versions the app was deployed with."""
+
+    versions: dict[str, str] = field(default_factory=dict)  # adapter name -> version, e.g. 20261201T101500123Z-1a2b3c4d
+    shadow: dict[str, ShadowConfig] = field(default_factory=dict)  # adapter name -> candidate in shadow
+
+
+@dataclass(frozen=True)
 class ServeConfig(ScoringConfig):
     limits: DecodeLimits = field(default_factory=DecodeLimits)  # The API answers a refused image with a 422.
     request: RequestLimits = field(default_factory=RequestLimits)  # a request's body size, image count, deadlines
@@ -320,6 +340,36 @@ class ServeConfig(ScoringConfig):
     detector: DetectorDeploymentConfig = field(default_factory=DetectorDeploymentConfig)
     router: RouterDeploymentConfig = field(default_factory=RouterDeploymentConfig)  # the HTTP (FastAPI) replicas
     retry_after_s: int = 1  # seconds in the Retry-After header of every 503 answer
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """What `aigd promote` requires of a candidate version, from the evaluations recorded for it and
+    for the serving version on the same evaluation set (jobs/evaluate.py records them)."""
+
+    # Absolute floors: `<perturbation>.<metric>` -> the least (for ece, brier: the most) a candidate may have.
+    floors: dict[str, float] = field(default_factory=lambda: {"clean.roc_auc": 0.95, "jpeg_q50.roc_auc": 0.90})
+    # Figures compared with the serving version's on the same set; each may be worse by max_regression at most.
+    compare: list[str] = field(default_factory=lambda: ["clean.roc_auc", "jpeg_q50.roc_auc"])
+    max_regression: float = 0.01  # how much worse than the serving version a compared figure may be
+
+    def validate(self) -> None:
+        bad = [k for k in [*self.floors, *self.compare] if "." not in k]
+        if bad:
+            raise ConfigError(f"gate figures {bad}: name them <perturbation>.<metric>, e.g. clean.roc_auc")
+        if self.max_regression < 0:
+            raise ConfigError("max_regression must be >= 0")
+
+
+@dataclass(frozen=True)
+class PromoteConfig:
+    """`aigd promote`: where versions live, which app serves them, and the gate."""
+
+    registry: str = "${AIGD_HOME:-~/.cache/aigd}/adapters"  # the registry root: <root>/<name>/<version>/
+    dashboard: str = "${AIGD_DASHBOARD:-http://127.0.0.1:8265}"  # the Ray dashboard of the app's cluster (Serve REST API)
+    serve_app: str = "aigd"  # the Serve application's name
+    gate: GateConfig = field(default_factory=GateConfig)  # what a candidate must meet
+    timeout_s: float = 300.0  # how long a switch may take to reach every replica before it is undone
 
 
 # The evaluation's perturbations by name (parsed by aigd.evaluation.perturb).

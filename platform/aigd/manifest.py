@@ -1,6 +1,7 @@
-"""Self-describing adapter folders: adapter weights + adapter_config.json + manifest.json.
+"""Self-describing adapter versions: adapter weights + adapter_config.json + manifest.json, published
+into the registry (aigd.registry) and never edited after.
 
-The manifest's schema is written here and nowhere else (`new_manifest`, `update_calibration`).
+The manifest's schema is written here and nowhere else (`new_manifest`, `recalibrated`).
 Scoring refuses an adapter whose manifest does not match the base it would be loaded on (shape,
 checkpoint, quantization) or the prompt/pixel policy it would be scored with, since either
 mismatch silently degrades accuracy.
@@ -12,16 +13,16 @@ import datetime
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 from aigd import __version__
+from aigd import registry
 from aigd.config import ImagePolicy, ScoringConfig
 from aigd.errors import AigdError, ManifestMismatch
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: versioned registry layout (2: one unversioned folder per adapter)
 _FINGERPRINT_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                      "intermediate_size", "vocab_size", "depth", "num_heads", "out_hidden_size", "patch_size")
 _CALIBRATION_KEYS = ("temperature", "threshold", "threshold_rule", "target_fpr", "threshold_at_target_fpr",
@@ -84,39 +85,33 @@ def _calibration(fitted: dict, fitted_by: str) -> dict:
     return {**{k: fitted[k] for k in _CALIBRATION_KEYS}, "fitted_by": fitted_by, "fitted_at": _now()}
 
 
-def write_adapter(src_adapter_dir: Path, out_dir: Path, manifest: dict) -> Path:
-    """Copy a peft adapter folder (safetensors only) and write its manifest next to it."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("adapter_model.safetensors", "adapter_config.json"):
-        shutil.copy2(src_adapter_dir / name, out_dir / name)
-    _write(out_dir, manifest)
-    return out_dir
+def write_adapter(src_adapter_dir: Path, entry: str, manifest: dict) -> registry.Version:
+    """Publish a peft adapter folder (safetensors only) with its manifest as a new version of `entry`."""
+    return registry.publish(entry, {n: (Path(src_adapter_dir) / n).read_bytes() for n in registry.FILES}, manifest)
 
 
-def update_calibration(adapter_dir: str | Path, fitted: dict, fitted_by: str) -> dict:
-    """Replace an adapter's calibration (temperature, thresholds) with a new fit; serving reads it."""
-    manifest = read_manifest(adapter_dir)
+def recalibrated(version: registry.Version, fitted: dict, fitted_by: str) -> registry.Version:
+    """A new version: the same weights with a new calibration (temperature, thresholds). The
+    version being served is never edited; promoting the new one is what changes the answers."""
+    manifest = read_manifest(version.uri)
     manifest["calibration"] = _calibration(fitted, fitted_by)
-    _write(Path(adapter_dir), manifest)
-    return manifest
+    manifest.pop("adapter")
+    return registry.publish(version.entry, registry.files_of(version.uri), manifest, parent=version.version)
 
 
-def _write(adapter_dir: Path, manifest: dict) -> None:
-    tmp = adapter_dir / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(tmp, adapter_dir / MANIFEST)  # a reader never sees half a manifest
+def upgrade(old: dict) -> dict:
+    """A format-2 manifest (unversioned layout) in this format: `aigd adapters migrate`."""
+    if old.get("format_version") != 2:
+        raise ManifestMismatch(f"manifest format_version {old.get('format_version')}: only format 2 migrates")
+    return {**old, "format_version": FORMAT_VERSION}
 
 
-def read_manifest(adapter_dir: str | Path) -> dict:
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_model.safetensors").exists():
-        raise ManifestMismatch(f"{adapter_dir}: no adapter_model.safetensors (only safetensors adapters are loaded)")
-    path = adapter_dir / MANIFEST
-    if not path.exists():
-        raise ManifestMismatch(f"{adapter_dir}: no {MANIFEST}; export adapters with the training jobs")
-    manifest = json.loads(path.read_text())
+def read_manifest(ref: str | Path) -> dict:
+    """The manifest of a version folder, or of a name folder's newest version."""
+    version = ref if isinstance(ref, registry.Version) else registry.resolve(str(ref))
+    manifest = registry.read_manifest(version)
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ManifestMismatch(f"{adapter_dir}: manifest format_version {manifest.get('format_version')}, this "
+        raise ManifestMismatch(f"{version.uri}: manifest format_version {manifest.get('format_version')}, this "
                                f"version of aigd reads {FORMAT_VERSION}; re-export the adapter")
     return manifest
 

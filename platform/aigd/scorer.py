@@ -5,6 +5,10 @@ and each adapter's temperature, threshold and uncertain band come from the adapt
 built by `aigd.decision`. A batch is scored with one forward pass per adapter over the images that
 asked for it: peft cannot mix adapters inside one batch when LoRA sits in the vision tower (the
 seed's kind), so adapters are switched between forwards, never within one, under a lock.
+
+A member can move to another registry version while serving (`switch`): the new version is loaded
+beside the old one, then swapped in under the same lock, so every answer comes wholly from one
+version and names it. A shadow version of a member is scored only when asked (`shadow_p_fake`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from aigd.batching import model_batch
 from aigd.config import DecodeLimits, EnsembleConfig, ScoringConfig
 from aigd.decision import Rule, ensemble_answer, member_answer, p_fake
+from aigd import registry
 from aigd.errors import AdapterUnavailable, AigdError, ManifestMismatch, UnknownAdapter
 from aigd.manifest import check_compatible, policy_dict, policy_for, read_manifest
 from aigd.model import autocast, base_info, load_base
@@ -33,14 +38,17 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Member:
     name: str
-    path: str
+    version: registry.Version
+    peft_name: str  # the adapter's name inside the PeftModel: one per loaded version
     manifest: dict
     temperature: float
     rule: Rule  # threshold and uncertain band
 
     @property
-    def version(self) -> dict:
-        return {k: self.manifest.get(k) for k in ("method", "created_at", "code_version")}
+    def model_info(self) -> dict:
+        """What every answer says of the model that gave it."""
+        return {"name": self.name, "version": self.version.version,
+                **{k: self.manifest.get(k) for k in ("method", "created_at", "code_version")}}
 
 
 def default_device() -> torch.device:
@@ -58,12 +66,14 @@ class Scorer:
         self.base = base_info(base, cfg.model, self.backend)
         self.label_ids = label_token_ids(self.processor.tokenizer)
         self.members: dict[str, Member] = {}
+        self.shadows: dict[str, Member] = {}
         self.unavailable: dict[str, str] = {}
         self.model = base
         self._lock = threading.Lock()
+        self._loaded = 0  # versions ever loaded: each gets its own peft adapter name
         for name, path in cfg.adapters.items():
             try:
-                self.members[name] = self._load(name, path, cfg.thresholds.get(name))
+                self.members[name] = self._load(name, path)
             except (AigdError, OSError, ValueError) as e:
                 if on_adapter_error == "fail":
                     raise
@@ -73,19 +83,60 @@ class Scorer:
             raise ManifestMismatch("no adapter could be loaded: " + "; ".join(self.unavailable.values()))
         self.model.eval()
 
-    def _load(self, name: str, path: str, threshold: float | None) -> Member:
+    def _load(self, name: str, ref: str) -> Member:
+        """Verify a version (files, hashes, base, policy), then load it beside whatever is loaded."""
         from peft import PeftModel
 
-        manifest = read_manifest(path)
-        check_compatible(manifest, self.base, self.policy, where=f"adapter {name} ({path})")
-        if isinstance(self.model, PeftModel):
-            self.model.load_adapter(path, adapter_name=name, is_trainable=False)
-        else:
-            self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name, is_trainable=False)
+        version = registry.resolve(ref)
+        local = str(registry.local_copy(version))  # verified: a corrupt or half-written version stops here
+        manifest = read_manifest(version)
+        check_compatible(manifest, self.base, self.policy, where=f"adapter {name} ({version})")
+        self._loaded += 1
+        peft_name = f"{name}_v{self._loaded}"
+        with self._lock:  # peft injects modules into the model: never during a forward
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(local, adapter_name=peft_name, is_trainable=False)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, local, adapter_name=peft_name, is_trainable=False)
         cal = manifest["calibration"]
         band = tuple(cal["uncertain_band"]) if cal.get("uncertain_band") else None
-        return Member(name, path, manifest, float(cal["temperature"]),
-                      Rule(float(threshold if threshold is not None else cal["threshold"]), band))
+        threshold = self.cfg.thresholds.get(name, cal["threshold"])
+        return Member(name, version, peft_name, manifest, float(cal["temperature"]), Rule(float(threshold), band))
+
+    def _unload(self, member: Member) -> None:
+        with self._lock:
+            self.model.delete_adapter(member.peft_name)
+
+    # ---- versions
+
+    def switch(self, name: str, ref: str) -> Member:
+        """Serve `name` from another version: load it beside the old one, swap under the scoring
+        lock, unload the old. A version that fails to load changes nothing."""
+        old = self.member(name)
+        if registry.resolve(ref) == old.version:
+            return old
+        new = self._load(name, ref)
+        with self._lock:
+            self.members[name] = new
+        self._unload(old)
+        log.info("adapter %s: %s -> %s", name, old.version.version, new.version.version)
+        return new
+
+    def set_shadow(self, name: str, ref: str | None) -> None:
+        """Score `name`'s requests also with another version, on demand; None removes it."""
+        self.member(name)
+        old = self.shadows.get(name)
+        if ref is not None and old is not None and registry.resolve(ref) == old.version:
+            return
+        if ref is not None:
+            new = self._load(name, ref)
+            with self._lock:
+                self.shadows[name] = new
+        elif old is not None:
+            with self._lock:
+                del self.shadows[name]
+        if old is not None:
+            self._unload(old)
 
     def member(self, name: str) -> Member:
         if name in self.members:
@@ -102,18 +153,28 @@ class Scorer:
     # ---- scores
 
     @torch.inference_mode()
-    def pair_logits(self, images: list[np.ndarray], adapter: str) -> np.ndarray:
-        """(N, 2) [Real, Fake] logits of prepared images under one adapter: one forward pass."""
+    def member_logits(self, images: list[np.ndarray], adapter: str, shadow: bool = False) -> tuple[np.ndarray, Member]:
+        """(N, 2) [Real, Fake] logits of prepared images under one adapter (one forward pass), and
+        the version that gave them."""
         self.member(adapter)
         batch = model_batch(self.processor, images, self.policy)
-        # The adapter switch and the forward are one step: concurrent batches never mix adapters.
+        # Picking the version, selecting it and the forward are one step: concurrent batches never
+        # mix adapters, and a switch lands between forwards.
         with self._lock, autocast(self.cfg.model, self.device, self.backend):
-            self.model.set_adapter(adapter, inference_mode=True)
-            return pair_logits(answer_logits(self.model, batch), self.label_ids).float().cpu().numpy()
+            m = self.shadows[adapter] if shadow else self.member(adapter)
+            self.model.set_adapter(m.peft_name, inference_mode=True)
+            return pair_logits(answer_logits(self.model, batch), self.label_ids).float().cpu().numpy(), m
+
+    def pair_logits(self, images: list[np.ndarray], adapter: str) -> np.ndarray:
+        return self.member_logits(images, adapter)[0]
+
+    def member_p_fake(self, images: list[np.ndarray], adapter: str, shadow: bool = False) -> tuple[np.ndarray, Member]:
+        """Calibrated P(fake) (the pair logits through the version's fitted temperature), and the version."""
+        z, m = self.member_logits(images, adapter, shadow)
+        return p_fake(z, m.temperature), m
 
     def p_fake(self, images: list[np.ndarray], adapter: str) -> np.ndarray:
-        """Calibrated P(fake): the pair logits through the adapter's fitted temperature."""
-        return p_fake(self.pair_logits(images, adapter), self.member(adapter).temperature)
+        return self.member_p_fake(images, adapter)[0]
 
     def score_requests(self, images: list[np.ndarray], wanted: list[tuple[str, ...]]) -> list[dict]:
         """For image i, {adapter: its answer, or the exception it raised}; one forward per adapter."""
@@ -121,9 +182,9 @@ class Scorer:
         for name in sorted({a for names in wanted for a in names}):
             idx = [i for i, names in enumerate(wanted) if name in names]
             try:
-                p = self.p_fake([images[i] for i in idx], name)
+                p, m = self.member_p_fake([images[i] for i in idx], name)
                 for i, v in zip(idx, p):
-                    out[i][name] = self.answer(name, float(v))
+                    out[i][name] = self.answer(m, float(v))
             except Exception as e:  # one adapter failing must not take the others down
                 log.exception("adapter %s failed on a batch of %d", name, len(idx))
                 for i in idx:
@@ -132,17 +193,17 @@ class Scorer:
 
     # ---- answers
 
-    def answer(self, name: str, p: float) -> dict:
-        m = self.member(name)
-        return member_answer(name, p, m.rule, m.temperature, m.version)
+    @staticmethod
+    def answer(m: Member, p: float) -> dict:
+        return member_answer(m.name, p, m.rule, m.temperature, m.model_info)
 
     def answers(self, images: list[np.ndarray], ensemble: EnsembleConfig) -> list[dict]:
         """Per image: every member's answer, and the ensemble's when there are several members."""
         names = list(ensemble.members or self.members)
-        members = {n: self.p_fake(images, n) for n in names}
+        members = {n: self.member_p_fake(images, n) for n in names}
         out = []
         for i in range(len(images)):
-            each = {n: self.answer(n, float(members[n][i])) for n in names}
+            each = {n: self.answer(m, float(p[i])) for n, (p, m) in members.items()}
             out.append(ensemble_answer(each, {}, ensemble) if len(names) > 1 else each[names[0]])
         return out
 
@@ -155,7 +216,8 @@ class Scorer:
             "base": base,
             "device": str(self.device),
             "image_policy": policy_dict(self.policy),
-            "adapters": {n: {"temperature": m.temperature, **m.rule.as_dict(), **m.version}
+            "adapters": {n: {"temperature": m.temperature, **m.rule.as_dict(), **m.model_info}
                          for n, m in self.members.items()},
+            "shadows": {n: m.version.version for n, m in self.shadows.items()},
             "unavailable": sorted(self.unavailable),
         }

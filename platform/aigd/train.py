@@ -5,7 +5,6 @@ jobs/train_method*.py call these in order; the loop every worker runs is `aigd.l
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -21,9 +20,10 @@ from aigd import config as C
 from aigd.data import (COUNTER_NAMESPACE, LIGHT_STAGE_CPUS, LIGHT_STAGE_TASKS, build_dataset, configure_execution,
                        skip_counter, skipped_counts)
 from aigd.loop import train_loop_per_worker
-from aigd.manifest import new_manifest, write_adapter
+from aigd.manifest import new_manifest, read_manifest, write_adapter
 from aigd.metrics import fit_calibration
 from aigd.model import check_available, lora_target_regex
+from aigd.registry import Version
 from aigd.sampling import SPLITS, Catalog, Subsample, balance, keep_sampled, stratified
 from aigd.sources import is_remote, resolve_source
 
@@ -179,8 +179,9 @@ def prepare_run(cfg: C.TrainJobConfig) -> tuple[C.TrainJobConfig, DataPlan]:
 # --------------------------------------------------------------------------- export
 
 
-def export_adapter(cfg: C.TrainJobConfig, method: str, result, counts: dict, skipped: dict) -> Path:
-    """The final checkpoint's adapter (best weights) with a manifest, calibrated on the whole val split."""
+def export_adapter(cfg: C.TrainJobConfig, method: str, result, counts: dict, skipped: dict) -> Version:
+    """The final checkpoint's adapter (best weights) with a manifest, calibrated on the whole val
+    split, published as a new version under `run.export_dir` (the adapter's registry entry)."""
     if result.checkpoint is None:
         raise RuntimeError("training produced no checkpoint to export")
     with result.checkpoint.as_directory() as d:
@@ -198,27 +199,28 @@ def export_adapter(cfg: C.TrainJobConfig, method: str, result, counts: dict, ski
                   "label_map": {str(k): v for k, v in cfg.data.label_map.items()}, "tampered": cfg.data.tampered,
                   "min_width": cfg.data.min_width, "balance": cfg.data.balance},
             val_metrics=final.val_metrics, calibration=fit_calibration(final.pair_logits, final.labels))
-        return write_adapter(final.adapter, Path(cfg.run.export_dir), manifest)
+        return write_adapter(final.adapter, cfg.run.export_dir, manifest)
 
 
-def finish_run(cfg: C.TrainJobConfig, method: str, plan: DataPlan, result) -> Path:
+def finish_run(cfg: C.TrainJobConfig, method: str, plan: DataPlan, result) -> Version:
     skipped = skipped_counts(counter_name(cfg))
     ray.kill(ray.get_actor(counter_name(cfg), namespace=COUNTER_NAMESPACE))
     if result.error is not None:
         raise result.error
     out = export_adapter(cfg, method, result, plan.counts, skipped)
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = read_manifest(out)
     vm, cal = manifest["val_metrics"], manifest["calibration"]
     print(f"[{cfg.run.name}] skipped unreadable images (counted per split): {skipped or 0}")
     print(f"[{cfg.run.name}] best weights on the whole val split ({vm.get('n')} images): auc "
           f"{vm.get('roc_auc', float('nan')):.4f} acc {vm.get('accuracy', float('nan')):.4f}; temperature "
           f"{cal['temperature']:.3f}, threshold {cal['threshold']:.3f}")
-    print(f"[{cfg.run.name}] adapter exported to {out}")
-    print(f"score images with it: aigd score --adapter {out} IMAGE...")
+    print(f"[{cfg.run.name}] adapter exported: version {out.version} at {out.uri}")
+    print(f"score images with it: aigd score --adapter {out.uri} IMAGE...")
+    print(f"put it in front of a running app: aigd promote {out.name} {out.version} --app URL")
     return out
 
 
-def run(method: str, preset: dict, description: str, argv=None, hooks=()) -> Path:
+def run(method: str, preset: dict, description: str, argv=None, hooks=()) -> Version:
     """A recipe, top to bottom: what jobs/train_method*.py run with their own preset. `hooks`
     (`aigd.loop.TrainerHook`) reach every worker's Trainer: the restart tests inject faults so."""
     cfg = load_config(description, preset, argv)  # preset <- YAML <- a.b=c overrides
@@ -226,4 +228,4 @@ def run(method: str, preset: dict, description: str, argv=None, hooks=()) -> Pat
     cfg, plan = prepare_run(cfg)  # one metadata read: counts, balance per epoch, val subset
     trainer = make_trainer(cfg, plan, make_datasets(cfg, plan), hooks)
     result = trainer.fit()  # checkpoints, resume and restarts are Ray Train's; the loop is aigd.loop's
-    return finish_run(cfg, method, plan, result)  # calibrate on val, write adapter + manifest
+    return finish_run(cfg, method, plan, result)  # calibrate on val, publish a new adapter version

@@ -1,0 +1,150 @@
+"""Promotion and rollback of an adapter version under steady load, on a real Serve app.
+
+    python bench/promote_load.py                 # table (about 2 minutes on 2 CPUs)
+    python bench/promote_load.py --json          # table, then one JSON line
+    python bench/promote_load.py --replicas 2 --clients 8 --seconds 6
+
+Builds the tiny model (if absent) and a registry with two random method2 versions, deploys the app
+from a config through the Serve REST API (as `serve deploy` does) on a local Ray, then drives
+`--clients` closed-loop clients against /v1/detect?adapter=method2 while `aigd.lifecycle.promote`
+switches to the new version and `rollback` switches back. The gate is off here: the two random
+versions have no evaluation; tests/test_lifecycle.py covers the gate.
+
+  failed              answers other than 200 (connection errors included), whole run
+  order_ok            every answer names old or new, and none from the old version answers a request
+                      sent after the first answer from the new one (per switch)
+  steady_p99_ms       p99 latency of requests sent before the promotion
+  switch_p99_ms       p99 latency of requests sent while promote() / rollback() ran
+  switch_over_steady  switch_p99_ms / steady_p99_ms (goal <= 2)
+  promote_s / rollback_s   how long each call took, checks and Serve's rollout included
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+for key, value in {"AIGD_HOME": str(REPO / ".aigd"), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+                   "HF_HUB_OFFLINE": "1"}.items():
+    os.environ.setdefault(key, value)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def registry_with_two_versions(root: Path) -> tuple:
+    from aigd.dev.adapters import random_adapter
+    from aigd.dev.tiny_model import build_tiny_model
+
+    tiny = Path(os.environ["AIGD_HOME"]) / "tiny-qwen2.5-vl"
+    if not (tiny / "config.json").exists():
+        build_tiny_model(tiny, seed=0)
+    m1 = random_adapter(tiny, root / "method1", seed=1, temperature=1.5, method="method1")
+    old = random_adapter(tiny, root / "method2", seed=2, temperature=0.8, method="method2")
+    new = random_adapter(tiny, root / "method2", seed=5, temperature=1.0, method="method2")
+    return tiny, m1, old, new
+
+
+def deploy(dashboard: str, port: int, tiny: Path, m1: Path, old: Path, replicas: int) -> str:
+    from aigd.dev.adapters import SMALL_POLICY
+
+    args = {"model": {"name_or_path": str(tiny), "load_in_4bit": False}, "image": SMALL_POLICY,
+            "adapters": {"method1": str(m1), "method2": str(old)},
+            "limits": {"min_side": 28, "max_aspect": 50.0},
+            "detector": {"num_cpus": 0.1, "max_batch_size": 8, "autoscaling": {"min_replicas": replicas,
+                                                                              "max_replicas": replicas}},
+            "router": {"num_cpus": 0.05}}
+    body = {"http_options": {"host": "127.0.0.1", "port": port},
+            "applications": [{"name": "aigd", "route_prefix": "/", "import_path": "serve.app:build_app", "args": args}]}
+    requests.put(f"{dashboard}/api/serve/applications/", json=body, timeout=60).raise_for_status()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return url
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise SystemExit("the app did not become ready in 300 s")
+
+
+def measure(url: str, cfg, old: str, new: str, clients: int, seconds: float) -> dict:
+    from aigd.dev.load import ClosedLoop, p99_ms, switch_order_ok
+    from aigd.lifecycle import promote, rollback
+    from tests.helpers import image_bytes, photo
+
+    quiet = lambda *_: None  # noqa: E731
+    with ClosedLoop(f"{url}/v1/detect?adapter=method2", image_bytes(photo(1)), clients=clients) as load:
+        time.sleep(seconds)
+        t0 = time.monotonic()
+        promote(cfg, "method2", new, url, gate_on=False, log=quiet)
+        t1 = time.monotonic()
+        time.sleep(seconds)
+        t2 = time.monotonic()
+        rollback(cfg, "method2", url, log=quiet)
+        t3 = time.monotonic()
+        time.sleep(seconds / 2)
+    steady, switching = load.between(0, t0), load.between(t0, t1) + load.between(t2, t3)
+    res = {"requests": len(load.answers), "failed": sum(a.status != 200 for a in load.answers),
+           "order_ok": switch_order_ok(load.between(t0, t2), old, new) and
+           switch_order_ok(load.between(t2, float("inf")), new, old),
+           "steady_p99_ms": round(p99_ms(steady), 1), "switch_p99_ms": round(p99_ms(switching), 1),
+           "switch_requests": len(switching), "promote_s": round(t1 - t0, 2), "rollback_s": round(t3 - t2, 2)}
+    res["switch_over_steady"] = round(res["switch_p99_ms"] / res["steady_p99_ms"], 2)
+    return res
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=6.0, help="steady load before, between and after the switches")
+    ap.add_argument("--replicas", type=int, default=1, help="Detector replicas (Serve reconfigures one at a time)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    import ray
+    from ray import serve
+
+    from aigd import config as C
+    from aigd import registry
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny, m1, old, new = registry_with_two_versions(Path(tmp) / "adapters")
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+        os.environ["AIGD_HOME"] = tmp  # the promotion lock and records stay in the temporary folder
+        ctx = ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+                       dashboard_port=free_port(), log_to_driver=False)
+        dashboard = f"http://{ctx.dashboard_url}"
+        try:
+            url = deploy(dashboard, free_port(), tiny, m1, old, args.replicas)
+            cfg = C.from_dict(C.PromoteConfig, {"registry": str(Path(tmp) / "adapters"), "dashboard": dashboard})
+            res = {"clients": args.clients, "replicas": args.replicas,
+                   **measure(url, cfg, registry.resolve(str(old)).version, registry.resolve(str(new)).version,
+                             args.clients, args.seconds)}
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    goals = {"failed": "0", "order_ok": "True", "switch_over_steady": "<= 2"}
+    print(f"\n{'figure':20s} {'value':>10s}  goal")
+    for k, v in res.items():
+        print(f"{k:20s} {v!s:>10s}  {goals.get(k, '')}")
+    if args.json:
+        print(json.dumps(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()

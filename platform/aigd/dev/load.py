@@ -1,0 +1,77 @@
+"""Closed-loop HTTP load with a record of every answer: the promotion test and bench/promote_load.py
+drive a running app with it while it switches versions."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import requests
+
+
+@dataclass(frozen=True)
+class Answer:
+    sent: float  # time.monotonic() at send
+    received: float
+    status: int  # 0: no HTTP answer (connection error)
+    version: str | None  # the version the answer names
+
+
+class ClosedLoop:
+    """`clients` threads, each sending the next request when its last answer is in."""
+
+    def __init__(self, url: str, image: bytes, clients: int = 8, timeout_s: float = 60.0):
+        self.url, self.image, self.clients, self.timeout_s = url, image, clients, timeout_s
+        self.answers: list[Answer] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
+
+    def _client(self) -> None:
+        session = requests.Session()
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            try:
+                r = session.post(self.url, files={"image": ("x.png", self.image)}, timeout=self.timeout_s)
+                status, version = r.status_code, _version(r)
+            except requests.RequestException:
+                status, version = 0, None
+            with self._lock:
+                self.answers.append(Answer(t0, time.monotonic(), status, version))
+
+    def __enter__(self) -> "ClosedLoop":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=self.timeout_s)
+
+    def between(self, t0: float, t1: float) -> list[Answer]:
+        """Answers to requests sent in [t0, t1)."""
+        with self._lock:
+            return [a for a in self.answers if t0 <= a.sent < t1]
+
+
+def _version(r: requests.Response) -> str | None:
+    try:
+        return r.json()["model"]["version"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def p99_ms(answers: list[Answer]) -> float:
+    return float(np.percentile([(a.received - a.sent) * 1000 for a in answers], 99)) if answers else float("nan")
+
+
+def switch_order_ok(answers: list[Answer], old: str, new: str) -> bool:
+    """Every answer names `old` or `new`, and once an answer from `new` has arrived, no request
+    sent after it is answered by `old`: one switch, no flapping."""
+    if any(a.version not in (old, new) for a in answers):
+        return False
+    first_new = min((a.received for a in answers if a.version == new), default=float("inf"))
+    return not any(a.version == old and a.sent > first_new for a in answers)

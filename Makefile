@@ -99,6 +99,8 @@ serve-demo: cluster
 	curl -s -F image=@$$sample http://127.0.0.1:8000/v1/ensemble | $(PY) -m json.tool; \
 	echo "Held-out samples of each class (test split, never trained on):"; \
 	$(PY) serve/try_samples.py --url http://127.0.0.1:8000 $(AIGD_HOME)/demo-data/samples/*
+	@echo "Adapter versions in the registry, their recorded figures, and which one the app serves:"
+	@$(VENV)/bin/aigd adapters list --app http://127.0.0.1:8000
 
 # The proxy table in docs/benchmarks.md: both methods x 3 seeds, trained, evaluated, summarised, on its own local
 # Ray (the demo cluster is stopped first: its Serve app would hold CPUs the jobs need).

@@ -44,8 +44,10 @@ def train(method: str, seed: int, tag: str = "", overrides: tuple[str, ...] = ()
     ckpts = sorted(p for p in (root / "runs" / name).glob("checkpoint_*") if p.is_dir())
     history = json.loads((ckpts[-1] / "loop_state.json").read_text())["history"]
     rates = [h["train_samples_per_s"] for h in history if "train_samples_per_s" in h]
-    manifest = json.loads((out / "manifest.json").read_text())
-    return out, {"job_s": round(wall, 1), "train_samples_per_s": round(rates[-1], 1) if rates else None,
+    from aigd.manifest import read_manifest
+
+    manifest = read_manifest(out)
+    return Path(out.uri), {"job_s": round(wall, 1), "train_samples_per_s": round(rates[-1], 1) if rates else None,
                  "steps": manifest["training"]["global_step"], "best_step": manifest["training"]["best_step"],
                  "val_auc": manifest["val_metrics"].get("roc_auc")}
 

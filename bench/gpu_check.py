@@ -140,8 +140,10 @@ def stage_train(method: str, model_path: str, data: Path, cpu: bool) -> dict:
     hooks = [FailAtStep(3)] if method == "method2" else []
     t0 = time.perf_counter()
     out = recipe.main(_train_args(method, model_path, data, cpu, workers, extra), hooks=hooks)
-    manifest = json.loads((out / "manifest.json").read_text())
-    return {"seconds_in_job": round(time.perf_counter() - t0, 1), "workers": workers, "adapter": str(out),
+    from aigd.manifest import read_manifest
+
+    manifest = read_manifest(out)
+    return {"seconds_in_job": round(time.perf_counter() - t0, 1), "workers": workers, "adapter": out.uri,
             "global_step": manifest["training"]["global_step"], "backend": manifest["base"]["backend"],
             "val_n": manifest["val_metrics"].get("n"), "temperature": manifest["calibration"]["temperature"]}
 

@@ -1,8 +1,8 @@
 """Promotion and rollback of an adapter version under steady load, on a real Serve app.
 
     python bench/promote_load.py                 # table (about 2 minutes on 2 CPUs)
-    python bench/promote_load.py --json          # table, then one JSON line
-    python bench/promote_load.py --replicas 2 --clients 8 --seconds 6
+    python bench/promote_load.py --json          # table, then one JSON line per run
+    python bench/promote_load.py --replicas 1 2 --runs 2 --doc docs/lifecycle.md   # the table in the docs
 
 Builds the tiny model (if absent) and a registry with two random method2 versions, deploys the app
 from a config through the Serve REST API (as `serve deploy` does) on a local Ray, then drives
@@ -108,12 +108,32 @@ def measure(url: str, cfg, old: str, new: str, clients: int, seconds: float) -> 
     return res
 
 
-def main(argv=None) -> dict:
+MARK = ("<!-- promote-bench -->", "<!-- /promote-bench -->")
+COLUMNS = ("replicas", "requests", "failed", "order_ok", "steady_p99_ms", "switch_p99_ms", "switch_over_steady",
+           "promote_s", "rollback_s")
+
+
+def write_doc(path: Path, rows: list[dict], command: str) -> None:
+    """Replace the table between the markers of `path` with these runs."""
+    text = path.read_text()
+    head, rest = text.split(MARK[0], 1)
+    _, tail = rest.split(MARK[1], 1)
+    table = [f"`{command}` (tiny model, 2 CPUs, {rows[0]['clients']} closed-loop clients on 127.0.0.1",
+             "against `/v1/detect?adapter=method2`, promote then roll back):", "",
+             "| run | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    table += [f"| {i + 1} | " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for i, r in enumerate(rows)]
+    path.write_text(head + MARK[0] + "\n" + "\n".join(table) + "\n" + MARK[1] + tail)
+
+
+def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=6.0, help="steady load before, between and after the switches")
-    ap.add_argument("--replicas", type=int, default=1, help="Detector replicas (Serve reconfigures one at a time)")
+    ap.add_argument("--replicas", type=int, nargs="+", default=[1],
+                    help="Detector replica counts to measure (Serve reconfigures one replica at a time)")
+    ap.add_argument("--runs", type=int, default=1, help="runs per replica count")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--doc", type=Path, help="write the table into this page, between its promote-bench markers")
     args = ap.parse_args(argv)
     import ray
     from ray import serve
@@ -121,6 +141,7 @@ def main(argv=None) -> dict:
     from aigd import config as C
     from aigd import registry
 
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tiny, m1, old, new = registry_with_two_versions(Path(tmp) / "adapters")
         os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
@@ -128,22 +149,29 @@ def main(argv=None) -> dict:
         ctx = ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
                        dashboard_port=free_port(), log_to_driver=False)
         dashboard = f"http://{ctx.dashboard_url}"
+        cfg = C.from_dict(C.PromoteConfig, {"registry": str(Path(tmp) / "adapters"), "dashboard": dashboard})
+        versions = registry.resolve(str(old)).version, registry.resolve(str(new)).version
         try:
-            url = deploy(dashboard, free_port(), tiny, m1, old, args.replicas)
-            cfg = C.from_dict(C.PromoteConfig, {"registry": str(Path(tmp) / "adapters"), "dashboard": dashboard})
-            res = {"clients": args.clients, "replicas": args.replicas,
-                   **measure(url, cfg, registry.resolve(str(old)).version, registry.resolve(str(new)).version,
-                             args.clients, args.seconds)}
+            for replicas in args.replicas:
+                url = deploy(dashboard, free_port(), tiny, m1, old, replicas)
+                for _ in range(args.runs):
+                    rows.append({"clients": args.clients, "replicas": replicas,
+                                 **measure(url, cfg, *versions, args.clients, args.seconds)})
+                serve.shutdown()
         finally:
             serve.shutdown()
             ray.shutdown()
     goals = {"failed": "0", "order_ok": "True", "switch_over_steady": "<= 2"}
-    print(f"\n{'figure':20s} {'value':>10s}  goal")
-    for k, v in res.items():
-        print(f"{k:20s} {v!s:>10s}  {goals.get(k, '')}")
+    print(f"\n{'figure':20s} " + " ".join(f"{'run ' + str(i + 1):>10s}" for i in range(len(rows))) + "  goal")
+    for k in rows[0]:
+        print(f"{k:20s} " + " ".join(f"{r[k]!s:>10s}" for r in rows) + f"  {goals.get(k, '')}")
     if args.json:
-        print(json.dumps(res))
-    return res
+        for r in rows:
+            print(json.dumps(r))
+    if args.doc:
+        write_doc(args.doc, rows, "python bench/promote_load.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+        print(f"wrote the table into {args.doc}")
+    return rows
 
 
 if __name__ == "__main__":

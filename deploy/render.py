@@ -82,8 +82,11 @@ def rayservice() -> tuple[str, dict]:
               "#   kubectl apply -f deploy/kuberay/storage.yaml -f deploy/kuberay/rayservice.yaml\n"
               "#   kubectl port-forward svc/aigd-serve-svc 8000:8000\n"
               "#   curl -H 'Authorization: Bearer KEY' -F image=@photo.jpg http://127.0.0.1:8000/v1/ensemble\n"
-              "# New adapters: re-run the RayJob, then re-apply this file (KubeRay rolls the app on any change\n"
-              "# of serveConfigV2, e.g. after editing configs/serve_7b.yaml and re-rendering).\n")
+              "# Each adapter serves its newest registry version at first deploy. A new version (the RayJob\n"
+              "# publishes one) goes live through the gate, written into this file, then applied:\n"
+              "#   aigd promote method2 VERSION --app URL --rayservice deploy/kuberay/rayservice.yaml\n"
+              "#   kubectl apply -f deploy/kuberay/rayservice.yaml   # only the Detector's user_config changes:\n"
+              "# KubeRay updates the Serve config in place, Serve reconfigures the replicas (deploy/README.md).\n")
     serve_cfg = "\n".join(line for line in (ROOT / "configs" / "serve_7b.yaml").read_text().splitlines()
                           if not line.lstrip().startswith("#")) + "\n"
     return header, {

@@ -254,4 +254,9 @@ def build_app(args: dict):
     cfg = pinned(C.from_dict(C.ServeConfig, dict(args)))  # ServeConfig.validate: adapters, ensemble members
     raw = C.to_dict(cfg)  # expanded, validated, plain data for the replicas
     det_opts, router_opts = deployment_options(cfg)
+    # The deployed versions as the Detector's user_config: a config's `deployments` override (what
+    # `aigd promote` writes) replaces it in place, and dropping that override switches back to these.
+    det_opts["user_config"] = C.to_dict(C.ServingVersions(versions={
+        n: p.rstrip("/").rsplit("/", 1)[-1] for n, p in cfg.adapters.items()
+        if registry.VERSION.fullmatch(p.rstrip("/").rsplit("/", 1)[-1])}))
     return Router.options(**router_opts).bind(Detector.options(**det_opts).bind(raw), raw)

@@ -54,6 +54,8 @@ class Detector:
     def _apply(self, want: C.ServingVersions) -> None:
         refused = {}
         for name, version in want.versions.items():
+            if name in self.scorer.unavailable:  # never loaded (detector.on_adapter_error: skip); see /readyz
+                continue
             try:
                 self.scorer.switch(name, self._ref(name, version))
             except Exception as e:  # noqa: BLE001 - a bad version must never take the replica down

@@ -55,7 +55,7 @@ def test_version_is_the_installed_packages():
 
 
 def test_every_subcommand_shows_examples_that_parse():
-    from aigd.cli import EXAMPLES, build_parser
+    from aigd.cli import EXAMPLES, parse_args
 
     top = aigd("--help").stdout
     for name, examples in EXAMPLES.items():
@@ -63,7 +63,7 @@ def test_every_subcommand_shows_examples_that_parse():
         assert examples and all(line in top and line in own for line in examples), name
         for line in examples:
             words = shlex.split(line)  # an env var before `aigd` is the shell's
-            args = build_parser().parse_args(words[words.index("aigd") + 1:])
+            args = parse_args(words[words.index("aigd") + 1:])
             assert args.cmd == name, line
     assert "exit status: 0" in aigd("score", "--help").stdout
 

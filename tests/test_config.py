@@ -42,7 +42,7 @@ def test_every_shipped_config_loads_and_names_its_command(path):
         _check_serve_config(path)
         assert "serve " in header
         return
-    cls = {"demo_data": C.DemoDataConfig}.get(path.stem)
+    cls = {"demo_data": C.DemoDataConfig, "promote_demo": C.PromoteConfig}.get(path.stem)
     if cls is None and path.stem.startswith("eval"):
         cls = C.EvalConfig
     cls = cls or C.TrainJobConfig

@@ -72,6 +72,30 @@ def test_rayservice_carries_serve_7b_and_validates_with_rays_schema():
     assert {"/mnt/aigd", str(Path(args.auth.keys_file).parent)} <= mounts
 
 
+def test_a_promotion_written_into_the_rayservice_changes_only_the_detectors_user_config(tmp_path):
+    """What `aigd promote --rayservice` writes: a valid Serve config whose only change is the Detector's
+    user_config (Serve reconfigures in place) and the same cluster spec (KubeRay updates in place)."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from aigd.lifecycle import rayservice_user_config, write_rayservice
+
+    path = tmp_path / "rayservice.yaml"
+    path.write_text((KUBERAY / "rayservice.yaml").read_text())
+    assert rayservice_user_config(str(path), "aigd") == {}
+    uc = {"versions": {"method1": "20261201T101500123Z-1a2b3c4d", "method2": "20261202T080000000Z-5e6f7a8b"},
+          "shadow": {"method2": {"version": "20261203T000000000Z-99999999", "share": 0.2}}}
+    write_rayservice(str(path), "aigd", uc)
+    (before,), (after,) = _docs(KUBERAY / "rayservice.yaml"), _docs(path)
+    assert after["spec"]["rayClusterConfig"] == before["spec"]["rayClusterConfig"]
+    old, new = yaml.safe_load(before["spec"]["serveConfigV2"]), yaml.safe_load(after["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(new)
+    (deployment,) = new["applications"][0].pop("deployments")
+    assert new == old and deployment == {"name": "Detector", "user_config": uc}
+    assert C.from_dict(C.ServingVersions, deployment["user_config"]).shadow["method2"].share == 0.2
+    assert rayservice_user_config(str(path), "aigd") == uc
+    assert path.read_text().startswith("# The detector app on GPU pods")  # the header stays
+
+
 def test_every_cluster_uses_token_auth_and_mounts_the_shared_volume():
     for path in KUBERAY.glob("ray*.yaml"):
         (doc,) = _docs(path)

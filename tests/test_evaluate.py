@@ -192,9 +192,9 @@ def test_evaluate_job_scores_the_test_split_and_writes_the_report(tmp_path, tiny
     real = sources.pq.ParquetDataset
     monkeypatch.setattr(sources.pq, "ParquetDataset", lambda *a, **k: reads.append(1) or real(*a, **k))
 
-    work = tmp_path / "adapters"
-    shutil.copytree(adapters["method1"], work / "method1")
-    shutil.copytree(adapters["method2"], work / "method2")
+    work = tmp_path / "adapters"  # registry entries holding one version each
+    shutil.copytree(adapters["method1"], work / "method1" / adapters["method1"].name)
+    shutil.copytree(adapters["method2"], work / "method2" / adapters["method2"].name)
     argv = _eval_config(tiny_model, {"method1": work / "method1", "method2": work / "method2"}, demo_data, tmp_path,
                         perturbations=["clean", "jpeg_q50", "equalized"], bootstrap=20, calibrate=True,
                         scorer_cpus=0.5, batch_size=32, group_by=["generator"])
@@ -207,7 +207,16 @@ def test_evaluate_job_scores_the_test_split_and_writes_the_report(tmp_path, tiny
     assert clean["method1"]["n"] == metrics["n_images"] == counts_test - metrics["unreadable_images"]
     assert set(metrics["auc_kept_vs_clean"]["method2"]) == {"clean", "jpeg_q50", "equalized"}
     assert set(metrics["shortcut_audit"]) == {"real", "fake"}
-    assert json.loads((work / "method1" / "manifest.json").read_text())["calibration"]["fitted_by"] == "jobs/evaluate.py"
+    from aigd import registry
+    from aigd.manifest import read_manifest
+
+    for name in ("method1", "method2"):  # calibration: a new version of each, evaluated; the old one untouched
+        old, new = registry.versions(str(work / name))
+        assert read_manifest(new)["calibration"]["fitted_by"] == "jobs/evaluate.py"
+        assert read_manifest(new)["adapter"]["parent"] == old.version and registry.evaluations(old) == {}
+        (record,) = registry.evaluations(new).values()
+        assert record["evalset"] == metrics["evaluation_set"] and record["evalset"]["n_rows"] == counts_test
+        assert record["metrics"]["clean.roc_auc"] == clean[name]["roc_auc"] and "jpeg_q50.roc_auc" in record["metrics"]
     import pyarrow.parquet as pq
 
     rows = pq.read_table(report.parent / "predictions.parquet").to_pylist()

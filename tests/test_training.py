@@ -120,9 +120,9 @@ def test_resume_after_a_crash_gives_bit_identical_adapter(tiny_model, demo_data,
     import train_method1
 
     out, straight = straight
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((Path(out.uri) / "manifest.json").read_text())
     assert manifest["method"] == "method1" and manifest["base"]["fingerprint"] and manifest["training"]["loss"] == "ce"
-    assert manifest["calibration"]["temperature"] > 0 and (out / "adapter_model.safetensors").exists()
+    assert manifest["calibration"]["temperature"] > 0 and (Path(out.uri) / "adapter_model.safetensors").exists()
     state = json.loads((straight / "loop_state.json").read_text())
     history = state["history"]
     assert state["finished"] and (straight / "adapter").exists()  # the final checkpoint holds the export
@@ -179,7 +179,7 @@ def test_sigkill_of_a_train_worker_mid_epoch_restarts_from_the_checkpoint(tiny_m
     final = _latest(runs)
     assert json.loads((final / "loop_state.json").read_text())["finished"]
     assert _same_weights(straight[1], final)
-    assert (out / "manifest.json").exists()
+    assert (Path(out.uri) / "manifest.json").exists()
 
 
 def test_sigkill_while_writing_a_checkpoint_resumes_from_the_last_complete_one(tiny_model, demo_data, tmp_path,
@@ -222,7 +222,7 @@ def test_two_workers_restart_from_checkpoint_after_worker_failure(tiny_model, de
     # evaluated every 80 samples (2 workers x batch 8 x 5 steps) on the fixed 20-image subset
     val_n = {h["val_n"] for h in last["history"]}
     assert steps_seen[:2] == [5, 10] and len(val_n) == 1 and 18 <= val_n.pop() <= 20  # (minus corrupt ones)
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((Path(out.uri) / "manifest.json").read_text())
     assert manifest["method"] == "method2" and manifest["training"]["loss"] == "focal"
 
 

@@ -20,7 +20,7 @@ EXAMPLES = {
     "tiny-model": ["aigd tiny-model --out .aigd/tiny-qwen2.5-vl"],
     "demo-data": ["aigd demo-data --config configs/demo_data.yaml",
                   "aigd demo-data --config configs/demo_data.yaml rows_per_class=50"],
-    "score": ["aigd score --adapter .aigd/adapters/method2 photo.jpg other.png   # its newest version",
+    "score": ["aigd score --adapter .aigd/adapters/method2 photo.jpg other.png",
               "aigd score --adapter m1=.aigd/adapters/method1 --adapter m2=.aigd/adapters/method2 photo.jpg",
               "aigd score --api http://127.0.0.1:8000 photo.jpg other.png",
               "AIGD_API_KEY=KEY aigd score --api https://aigd.example.com --adapter method1 photo.jpg"],
@@ -208,8 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv=None) -> int:
-    """The exit status: 0 done, 1 some image failed (`score`), 2 the command could not run."""
+def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # `a.b=c` overrides may also follow the options (argparse takes positionals in one run).
@@ -218,6 +217,12 @@ def main(argv=None) -> int:
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def main(argv=None) -> int:
+    """The exit status: 0 done, 1 some image failed (`score`), 2 the command could not run."""
+    args = parse_args(argv)
     from aigd.batch_score import OutputError  # after parsing: `--version` and `--help` need no pyarrow
     from aigd.sources import DataError
 

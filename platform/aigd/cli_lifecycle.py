@@ -14,8 +14,10 @@ EXAMPLES = {
                  "aigd adapters migrate .aigd/adapters/method2",
                  "aigd adapters shadow-report --metrics http://127.0.0.1:8080/metrics"],
     "promote": ["aigd promote method2 20261201T101500123Z-1a2b3c4d --app http://127.0.0.1:8000",
-                "aigd promote method2 VERSION --app URL --config configs/promote_demo.yaml gate.max_regression=0.02"],
-    "rollback": ["aigd rollback method2 --app http://127.0.0.1:8000"],
+                "aigd promote method2 VERSION --app URL --config configs/promote_demo.yaml gate.max_regression=0.02",
+                "aigd promote method2 VERSION --app https://aigd.example.com --rayservice deploy/kuberay/rayservice.yaml"],
+    "rollback": ["aigd rollback method2 --app http://127.0.0.1:8000",
+                 "aigd rollback method2 --app https://aigd.example.com --rayservice deploy/kuberay/rayservice.yaml"],
     "shadow": ["aigd shadow method2 20261201T101500123Z-1a2b3c4d --share 0.25 --app http://127.0.0.1:8000",
                "aigd shadow method2 --off --app http://127.0.0.1:8000"],
 }
@@ -39,8 +41,11 @@ def _overrides(items: list[str]) -> dict:
     return raw
 
 
-def _common(p, app_required: bool = True) -> None:
-    p.add_argument("--app", required=app_required, metavar="URL", help="the app's HTTP address, e.g. http://127.0.0.1:8000")
+def _common(p, rayservice: bool = False) -> None:
+    p.add_argument("--app", required=True, metavar="URL", help="the app's HTTP address, e.g. http://127.0.0.1:8000")
+    if rayservice:
+        p.add_argument("--rayservice", metavar="FILE", help="write the switch into this RayService manifest (then "
+                       "kubectl apply it) instead of changing the app through the Ray dashboard")
     p.add_argument("--config", default=None, help="a PromoteConfig YAML (registry, dashboard, gate)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. registry=s3://bucket/adapters")
 
@@ -92,13 +97,14 @@ def _shadow_report(args) -> None:
 def _promote(args) -> None:
     from aigd.lifecycle import promote
 
-    promote(_config(args), args.name, args.version, args.app, evalset=args.evaluation_set)
+    promote(_config(args), args.name, args.version, args.app, evalset=args.evaluation_set,
+            rayservice=args.rayservice)
 
 
 def _rollback(args) -> None:
     from aigd.lifecycle import rollback
 
-    rollback(_config(args), args.name, args.app)
+    rollback(_config(args), args.name, args.app, rayservice=args.rayservice)
 
 
 def _shadow(args) -> None:
@@ -133,10 +139,10 @@ def add_commands(sub, subcommand) -> None:
     p.add_argument("name")
     p.add_argument("version")
     p.add_argument("--evaluation-set", default=None, help="compare on this evaluation set (default: the newest shared)")
-    _common(p)
+    _common(p, rayservice=True)
     r = subcommand(sub, "rollback", _rollback, "switch back to the version the last promotion replaced")
     r.add_argument("name")
-    _common(r)
+    _common(r, rayservice=True)
     s = subcommand(sub, "shadow", _shadow, "score a share of live images also with a candidate version")
     s.add_argument("name")
     s.add_argument("version", nargs="?")

@@ -29,7 +29,9 @@ from aigd import config as C
 TOP = (("Training job (`jobs/train_method*.py --config`)", C.TrainJobConfig),
        ("Serve app (`serve run` / `serve deploy`, the `args` of `serve.app:build_app`)", C.ServeConfig),
        ("Evaluation job (`jobs/evaluate.py --config`)", C.EvalConfig),
-       ("Demo data (`aigd demo-data --config`)", C.DemoDataConfig))
+       ("Demo data (`aigd demo-data --config`)", C.DemoDataConfig),
+       ("Promotion (`aigd promote / rollback / shadow / adapters list --config`)", C.PromoteConfig),
+       ("The Detector's `user_config` (set by `aigd promote`; Serve calls `reconfigure` with it)", C.ServingVersions))
 
 SECTION = "section"
 
@@ -89,6 +91,9 @@ def rows(cls, prefix: str = "", defaults=None) -> list[Row]:
         t = hints[f.name]
         default = _default(f) if defaults is None else getattr(defaults, f.name)
         inner = [a for a in typing.get_args(t) if dataclasses.is_dataclass(a)]
+        if inner and typing.get_origin(t) is dict:  # a mapping of sections: one per name
+            nested.append((f"{prefix}{f.name}.<name>", inner[0], notes.get(f.name, ""), None))
+            continue
         if dataclasses.is_dataclass(t) or inner:
             nested.append((prefix + f.name, inner[0] if inner else t, notes.get(f.name, ""), default))
             continue

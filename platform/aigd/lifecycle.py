@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import requests
+import yaml
 
 from aigd import config as C
 from aigd import registry
@@ -268,11 +269,12 @@ def switch(cfg: C.PromoteConfig, app: ServeApp, name: str, user_config: dict, ve
 
 
 def promote(cfg: C.PromoteConfig, name: str, version: str, app_url: str, *, action: str = "promote",
-            evalset: str | None = None, gate_on: bool = True, log=print) -> list[GateRow]:
-    """Gate, then switch `name` of the app at `app_url` to `version` with no request lost."""
+            evalset: str | None = None, gate_on: bool = True, rayservice: str | None = None, log=print) -> list[GateRow]:
+    """Gate, then switch `name` of the app at `app_url` to `version` with no request lost; with
+    `rayservice`, write the switch into that RayService manifest for `kubectl apply` instead."""
     app = ServeApp(app_url, cfg.dashboard, cfg.serve_app, cfg.timeout_s)
     entry = f"{cfg.registry.rstrip('/')}/{name}"
-    with Lock(f"{cfg.dashboard}|{cfg.serve_app}"):
+    with Lock(f"{rayservice or cfg.dashboard}|{cfg.serve_app}"):
         serving_now = app.serving()
         if name not in serving_now:
             raise PromotionRefused(f"the app serves no adapter {name!r}; it serves {sorted(serving_now)}")
@@ -288,20 +290,24 @@ def promote(cfg: C.PromoteConfig, name: str, version: str, app_url: str, *, acti
             if not all(r.ok for r in rows):
                 raise PromotionRefused(f"{candidate} does not pass the gate: " +
                                        "; ".join(f"{r.figure} {r.why}" for r in rows if not r.ok))
-        uc = app.user_config() or {"versions": serving_now}
-        uc = {**uc, "versions": {**serving_now, **uc.get("versions", {}), name: version}}
-        shadow = dict(uc.get("shadow", {}))
-        if shadow.get(name, {}).get("version") == version:
-            del shadow[name]  # the shadow became the serving version
-        uc["shadow"] = shadow
+        current = rayservice_user_config(rayservice, cfg.serve_app) if rayservice else app.user_config()
+        uc = {**current, "versions": {**serving_now, name: version}}
+        uc["shadow"] = {n: s for n, s in (current.get("shadow") or {}).items()
+                        if not (n == name and s.get("version") == version)}  # a shadow promoted stops shadowing
         t0 = time.perf_counter()
-        switch(cfg, app, name, uc, version, "adapters")
+        if rayservice:
+            write_rayservice(rayservice, cfg.serve_app, uc)
+            log(f"{action}: {name} {serving.version} -> {version} written into {rayservice}; apply it with: "
+                f"kubectl apply -f {rayservice} (KubeRay updates the Serve config in place)")
+            action += " (rayservice)"
+        else:
+            switch(cfg, app, name, uc, version, "adapters")
+            log(f"{action}: {name} {serving.version} -> {version} on {app.url} in {time.perf_counter() - t0:.1f} s")
         registry.record_promotion(entry, app.url, serving.version, version, action)
-        log(f"{action}: {name} {serving.version} -> {version} on {app.url} in {time.perf_counter() - t0:.1f} s")
         return rows
 
 
-def rollback(cfg: C.PromoteConfig, name: str, app_url: str, log=print) -> str:
+def rollback(cfg: C.PromoteConfig, name: str, app_url: str, rayservice: str | None = None, log=print) -> str:
     """Promote the version this one replaced on this app (the promotion records say which); no gate."""
     app = ServeApp(app_url, cfg.dashboard, cfg.serve_app, cfg.timeout_s)
     current = app.serving().get(name)
@@ -310,7 +316,7 @@ def rollback(cfg: C.PromoteConfig, name: str, app_url: str, log=print) -> str:
     if not previous:
         raise PromotionRefused(f"no promotion to {name}@{current} on {app.url} is recorded; nothing to roll back "
                                f"(promote an older version by name instead)")
-    promote(cfg, name, previous[-1]["from"], app_url, action="rollback", gate_on=False, log=log)
+    promote(cfg, name, previous[-1]["from"], app_url, action="rollback", gate_on=False, rayservice=rayservice, log=log)
     return previous[-1]["from"]
 
 
@@ -334,6 +340,53 @@ def set_shadow(cfg: C.PromoteConfig, name: str, version: str | None, share: floa
         log(f"shadow of {name}: {version or 'off'}" + (f" on {share:.0%} of its images" if version else ""))
 
 
+# --------------------------------------------------------------------------- RayService manifests
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """serveConfigV2 (YAML inside YAML) stays a readable literal block."""
+
+
+_BlockDumper.add_representer(str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s,
+                                                                  style="|" if "\n" in s else None))
+
+
+def _rayservice(path: str) -> tuple[str, dict, dict]:
+    text = Path(path).read_text()
+    header = "".join(line for line in text.splitlines(keepends=True)[:50] if line.startswith("#"))
+    doc = yaml.safe_load(text)
+    if doc.get("kind") != "RayService":
+        raise PromotionRefused(f"{path} is not a RayService manifest")
+    return header, doc, yaml.safe_load(doc["spec"]["serveConfigV2"])
+
+
+def _detector_entry(serve_cfg: dict, app_name: str) -> tuple[dict, dict]:
+    app = next((a for a in serve_cfg.get("applications", []) if a.get("name") == app_name), None)
+    if app is None:
+        raise PromotionRefused(f"the RayService has no Serve application {app_name!r}")
+    deps = app.setdefault("deployments", [])
+    entry = next((d for d in deps if d.get("name") == DETECTOR), None)
+    if entry is None:
+        entry = {"name": DETECTOR}
+        deps.append(entry)
+    return app, entry
+
+
+def rayservice_user_config(path: str, app_name: str) -> dict:
+    return _detector_entry(_rayservice(path)[2], app_name)[1].get("user_config") or {}
+
+
+def write_rayservice(path: str, app_name: str, user_config: dict) -> None:
+    """Set the Detector's user_config in the manifest's serveConfigV2: applied, KubeRay updates the
+    running cluster's Serve config in place and Serve reconfigures the replicas (no restart)."""
+    header, doc, serve_cfg = _rayservice(path)
+    _detector_entry(serve_cfg, app_name)[1]["user_config"] = user_config
+    doc["spec"]["serveConfigV2"] = yaml.dump(serve_cfg, Dumper=_BlockDumper, sort_keys=False, width=120)
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(header + yaml.dump(doc, Dumper=_BlockDumper, sort_keys=False, width=120))
+    os.replace(tmp, path)
+
+
 # --------------------------------------------------------------------------- views
 
 
@@ -346,6 +399,8 @@ def listing(root: str, apps: list[str], dashboard: str, serve_app: str) -> list[
                 serving.setdefault(f"{n}@{v}", set()).add(url)
         except (ApiError, AigdError, KeyError):
             serving.setdefault("unreachable", set()).add(url)
+    if not registry.exists(root):
+        raise registry.VersionError(f"no adapter registry at {root} (a training job creates it: run.export_dir)")
     rows = []
     for name in registry.names(root):
         for v in registry.versions(f"{root.rstrip('/')}/{name}"):

@@ -160,6 +160,10 @@ def versions(entry: str) -> list[Version]:
             pafs.FileType.File]
 
 
+def exists(uri: str) -> bool:
+    return _kind(uri) == pafs.FileType.Directory
+
+
 def names(root: str) -> list[str]:
     return [n for n, t in _children(root) if t == pafs.FileType.Directory and not n.startswith((".", "_"))]
 

@@ -48,7 +48,7 @@ def verdict_markdown(answer: dict, latency_ms: float) -> str:
 
 def member_rows(answer: dict) -> list[list]:
     return [[name, round(m["p_fake"], 4), m["label"], round(m["threshold"], 4), _band(m),
-             f"{m['model'].get('method', '')} {m['model'].get('created_at', '')} {m['model'].get('code_version', '')}"]
+             f"{m['model'].get('version', '')} ({m['model'].get('method', '')}, code {m['model'].get('code_version', '')})"]
             for name, m in sorted(answer["members"].items())]
 
 

@@ -31,7 +31,7 @@ export TOKENIZERS_PARALLELISM := false
 # `ray start` hands its PATH to job drivers: their `python` must be this venv's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup demo demo-data tiny-model cluster train-demo score-demo eval-demo serve-demo ui experiment generalization test test-fast stop clean
+.PHONY: setup demo demo-data tiny-model cluster train-demo score-demo eval-demo serve-demo lifecycle-demo ui experiment generalization test test-fast stop clean
 
 setup: $(VENV)/.installed $(UI_VENV)/.installed
 
@@ -101,6 +101,23 @@ serve-demo: cluster
 	$(PY) serve/try_samples.py --url http://127.0.0.1:8000 $(AIGD_HOME)/demo-data/samples/*
 	@echo "Adapter versions in the registry, their recorded figures, and which one the app serves:"
 	@$(VENV)/bin/aigd adapters list --app http://127.0.0.1:8000
+
+# The adapter lifecycle on the running demo app (after `make demo`): a calibrated new version of each
+# adapter (jobs/evaluate.py calibrate=true, evaluated on the same test split), then method2's through
+# the gate into the app in place, the answers naming it, and a rollback.
+APP := http://127.0.0.1:8000
+lifecycle-demo: cluster
+	$(SUBMIT) --address $(DASHBOARD) --working-dir . \
+		--runtime-env-json '{"env_vars": {"AIGD_HOME": "$(AIGD_HOME)", "HF_HUB_OFFLINE": "1"}}' \
+		-- python jobs/evaluate.py --config configs/eval_demo.yaml calibrate=true out_dir=$(AIGD_HOME)/eval-calibrated | $(QUIET)
+	$(VENV)/bin/aigd adapters list --app $(APP)
+	$(VENV)/bin/aigd promote method2 $$(ls $(AIGD_HOME)/adapters/method2 | grep -E '^[0-9]{8}T' | tail -1) \
+		--app $(APP) --config configs/promote_demo.yaml
+	@sample=$$(ls $(AIGD_HOME)/demo-data/samples/fake-* | head -1); \
+	echo "an answer now names the promoted version:"; \
+	curl -s -F image=@$$sample "$(APP)/v1/detect?adapter=method2" | $(PY) -c "import json,sys; print(json.load(sys.stdin)['model'])"
+	$(VENV)/bin/aigd rollback method2 --app $(APP) --config configs/promote_demo.yaml
+	$(VENV)/bin/aigd adapters list --app $(APP)
 
 # The proxy table in docs/benchmarks.md: both methods x 3 seeds, trained, evaluated, summarised, on its own local
 # Ray (the demo cluster is stopped first: its Serve app would hold CPUs the jobs need).

@@ -68,7 +68,7 @@ class Detector:
             except Exception as e:  # noqa: BLE001
                 log.error("adapter %s: shadow version %s refused: %s", name, shadow and shadow.version, e)
                 refused[f"{name} (shadow)"] = {"version": shadow and shadow.version, "error": str(e)}
-        self.shadow.shares = {n: s.share for n, s in want.shadow.items() if n in self.scorer.shadows}
+        self.shadow.shadows = {n: s for n, s in want.shadow.items() if n in self.scorer.shadows}
         self.refused = refused
 
     def _ref(self, name: str, version: str) -> str:
@@ -109,15 +109,16 @@ class Detector:
 
 class ShadowScoring:
     """Scores a share of live images again with each member's shadow version, after their answers
-    have left, and exports how the two agree. At most one shadow forward runs at a time: a live
-    batch waits for at most one (the scoring lock), and images that would queue behind it are
-    skipped and counted instead."""
+    have left, and exports how the two agree. At most one shadow forward runs at a time, sized to
+    the budget from the measured time per shadow image: a live batch waits behind shadow work for
+    about `budget_ms` at most (the scoring lock). Sampled images beyond that are skipped and counted."""
 
     def __init__(self, scorer):
         from ray.serve.metrics import Counter, Histogram
 
         self.scorer = scorer
-        self.shares: dict[str, float] = {}
+        self.shadows: dict[str, C.ShadowConfig] = {}
+        self.ms_per_image: float | None = None  # measured on this replica; None until the first shadow batch
         self.running: asyncio.Task | None = None
         tags = ("adapter", "serving", "candidate")
         self.scored = Counter("aigd_shadow_images_total", description="images scored in shadow", tag_keys=tags)
@@ -131,23 +132,31 @@ class ShadowScoring:
                               boundaries=P_DIFF, tag_keys=tags)
 
     def after(self, images: list, wanted: list, results: list[dict]) -> None:
-        for name, share in self.shares.items():
+        for name, shadow in self.shadows.items():
             picked = [i for i, names in enumerate(wanted) if name in names and "error" not in
-                      _as_dict(results[i].get(name)) and random.random() < share]
-            if not picked:
-                continue
-            if self.running is not None and not self.running.done():
-                self.skipped.inc(len(picked), tags={"adapter": name})
-                continue
-            self.running = asyncio.create_task(self._score(name, [images[i] for i in picked],
-                                                           [results[i][name] for i in picked]))
+                      _as_dict(results[i].get(name)) and random.random() < shadow.share]
+            busy = self.running is not None and not self.running.done()
+            fits = 0 if busy else self._fits(shadow.budget_ms)
+            if len(picked) > fits:
+                self.skipped.inc(len(picked) - fits, tags={"adapter": name})
+                picked = picked[:fits]
+            if picked:
+                self.running = asyncio.create_task(self._score(name, [images[i] for i in picked],
+                                                               [results[i][name] for i in picked]))
+
+    def _fits(self, budget_ms: float) -> int:
+        """Images one shadow forward may take within the budget (one until a time is measured)."""
+        return 1 if self.ms_per_image is None else max(1, int(budget_ms // max(self.ms_per_image, 1e-3)))
 
     async def _score(self, name: str, images: list, serving: list[dict]) -> None:
+        t0 = time.perf_counter()
         try:
             p, cand = await asyncio.to_thread(self.scorer.member_p_fake, images, name, True)
         except Exception:  # noqa: BLE001 - shadow work never reaches a client
             log.exception("shadow scoring of %s failed", name)
             return
+        ms = (time.perf_counter() - t0) * 1000 / len(images)
+        self.ms_per_image = ms if self.ms_per_image is None else 0.8 * self.ms_per_image + 0.2 * ms
         for live, pc in zip(serving, p):
             shadow = self.scorer.answer(cand, float(pc))
             tags = {"adapter": name, "serving": live["model"]["version"], "candidate": cand.version.version}

@@ -41,6 +41,10 @@ def versions(tiny_model, tmp_path_factory):
     weights = v["corrupt"].uri + "/" + registry.WEIGHTS
     data = open(weights, "rb").read()
     open(weights, "wb").write(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    half = root / "method2" / "20991231T000000000Z-0000aaaa"  # a copy that stopped before its manifest
+    half.mkdir()
+    (half / registry.WEIGHTS).write_bytes(data)
+    v["incomplete"] = registry.Version(str(root / "method2"), half.name)
     return root, v
 
 
@@ -109,6 +113,7 @@ def test_promotion_and_rollback_under_load_lose_no_request_and_never_mix_version
 
 @pytest.mark.parametrize("candidate, error", [
     ("corrupt", "does not match its recorded sha256"),
+    ("incomplete", "incomplete version"),
     ("policy", "image_policy.max_pixels"),
     ("worse", "does not pass the gate"),
     ("missing", "no such version"),
@@ -189,14 +194,16 @@ def test_shadow_scores_a_candidate_without_changing_answers_and_reports_it(app, 
     set_shadow(cfg, "method2", v["new"].version, 1.0, url, log=lambda *_: None)
     assert requests.get(f"{url}/v1/models", timeout=30).json()["shadows"] == {"method2": v["new"].version}
     assert answers() == plain  # the serving version answers, unchanged
-    rows, deadline = [], time.monotonic() + 60
+    rows, skipped, deadline = [], 0, time.monotonic() + 60
     while time.monotonic() < deadline:  # Ray exports metrics every few seconds
-        rows = [r for r in shadow_report(requests.get(os.environ["AIGD_TEST_METRICS"], timeout=30).text)
-                if r["candidate"] == v["new"].version and r["images"] >= len(images)]
-        if rows:
+        report = shadow_report(requests.get(os.environ["AIGD_TEST_METRICS"], timeout=30).text)
+        rows = [r for r in report if r["candidate"] == v["new"].version]
+        skipped = sum(r["skipped"] for r in report if r["candidate"] is None)
+        if rows and rows[0]["images"] + skipped >= len(images):  # each sampled image: scored, or skipped (busy)
             break
         time.sleep(2)
-    assert rows and rows[0]["serving"] == v["old"].version and 0 <= rows[0]["agreement"] <= 1
+    assert rows and rows[0]["images"] >= 1 and rows[0]["images"] + skipped == len(images)
+    assert rows[0]["serving"] == v["old"].version and 0 <= rows[0]["agreement"] <= 1
     assert rows[0]["mean_abs_diff"] > 0  # another adapter: other probabilities
     set_shadow(cfg, "method2", None, 0.0, url, log=lambda *_: None)
     assert requests.get(f"{url}/v1/models", timeout=30).json()["shadows"] == {}

@@ -4,6 +4,7 @@ command-line side of aigd.lifecycle."""
 from __future__ import annotations
 
 import json
+import sys
 
 import requests
 
@@ -54,7 +55,8 @@ def _list(args) -> None:
     from aigd.lifecycle import listing
 
     cfg = _config(args)
-    rows = listing(args.root or cfg.registry, args.app or [], cfg.dashboard, cfg.serve_app)
+    rows = listing(args.root or cfg.registry, args.app or [], cfg.dashboard, cfg.serve_app,
+                   warn=lambda m: print(m, file=sys.stderr))
     if args.json:
         print(json.dumps(rows, indent=2))
         return
@@ -113,7 +115,7 @@ def _shadow(args) -> None:
 
     if (args.version is None) == (not args.off):
         raise BadRequest("name a VERSION to shadow, or --off to end the shadow")
-    set_shadow(_config(args), args.name, None if args.off else args.version, args.share, args.app)
+    set_shadow(_config(args), args.name, None if args.off else args.version, args.share, args.app, args.budget_ms)
 
 
 def add_commands(sub, subcommand) -> None:
@@ -147,5 +149,7 @@ def add_commands(sub, subcommand) -> None:
     s.add_argument("name")
     s.add_argument("version", nargs="?")
     s.add_argument("--share", type=float, default=0.1, help="fraction of the adapter's images scored in shadow")
+    s.add_argument("--budget-ms", type=float, default=50.0,
+                   help="the most a live batch may wait behind shadow work on a replica")
     s.add_argument("--off", action="store_true", help="end the shadow")
     _common(s)

@@ -316,10 +316,15 @@ class ScoringConfig:
 class ShadowConfig:
     version: str  # the candidate version scored beside the serving one; it never changes an answer
     share: float = 0.1  # fraction of the member's live images also scored by the candidate, in (0, 1]
+    # The most a live batch may wait behind shadow work on a replica: shadow batches are sized to it from
+    # the measured time per shadow image (one image at least); sampled images beyond it are skipped, counted.
+    budget_ms: float = 50.0
 
     def validate(self) -> None:
         if not 0 < self.share <= 1:
             raise ConfigError(f"shadow share {self.share}: must be in (0, 1]")
+        if self.budget_ms <= 0:
+            raise ConfigError(f"shadow budget_ms {self.budget_ms}: must be > 0")
 
 
 @dataclass(frozen=True)

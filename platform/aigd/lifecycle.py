@@ -320,7 +320,8 @@ def rollback(cfg: C.PromoteConfig, name: str, app_url: str, rayservice: str | No
     return previous[-1]["from"]
 
 
-def set_shadow(cfg: C.PromoteConfig, name: str, version: str | None, share: float, app_url: str, log=print) -> None:
+def set_shadow(cfg: C.PromoteConfig, name: str, version: str | None, share: float, app_url: str,
+               budget_ms: float = 50.0, log=print) -> None:
     """Put a candidate in shadow of `name` (None: end the shadow); answers never change."""
     app = ServeApp(app_url, cfg.dashboard, cfg.serve_app, cfg.timeout_s)
     entry = f"{cfg.registry.rstrip('/')}/{name}"
@@ -334,7 +335,7 @@ def set_shadow(cfg: C.PromoteConfig, name: str, version: str | None, share: floa
             shadow.pop(name, None)
         else:
             check_candidate(registry.Version(entry, version), registry.Version(entry, serving_now[name]))
-            shadow[name] = C.to_dict(C.ShadowConfig(version=version, share=share))
+            shadow[name] = C.to_dict(C.ShadowConfig(version=version, share=share, budget_ms=budget_ms))
         switch(cfg, app, name, {**uc, "versions": uc.get("versions", serving_now), "shadow": shadow}, version,
                "shadows")
         log(f"shadow of {name}: {version or 'off'}" + (f" on {share:.0%} of its images" if version else ""))
@@ -390,15 +391,15 @@ def write_rayservice(path: str, app_name: str, user_config: dict) -> None:
 # --------------------------------------------------------------------------- views
 
 
-def listing(root: str, apps: list[str], dashboard: str, serve_app: str) -> list[dict]:
+def listing(root: str, apps: list[str], dashboard: str, serve_app: str, warn=print) -> list[dict]:
     """One row per version: identity, recorded figures (the newest evaluation), serving where."""
     serving: dict[str, set] = {}
     for url in apps:
         try:
             for n, v in ServeApp(url, dashboard, serve_app).serving().items():
                 serving.setdefault(f"{n}@{v}", set()).add(url)
-        except (ApiError, AigdError, KeyError):
-            serving.setdefault("unreachable", set()).add(url)
+        except (ApiError, AigdError, KeyError) as e:
+            warn(f"{url}: cannot tell what it serves ({e})")
     if not registry.exists(root):
         raise registry.VersionError(f"no adapter registry at {root} (a training job creates it: run.export_dir)")
     rows = []

@@ -90,6 +90,7 @@ def test_a_promotion_written_into_the_rayservice_changes_only_the_detectors_user
     old, new = yaml.safe_load(before["spec"]["serveConfigV2"]), yaml.safe_load(after["spec"]["serveConfigV2"])
     ServeDeploySchema.model_validate(new)
     (deployment,) = new["applications"][0].pop("deployments")
+    assert old["applications"][0].pop("deployments") == [{"name": "Detector"}]  # there from the first deploy
     assert new == old and deployment == {"name": "Detector", "user_config": uc}
     assert C.from_dict(C.ServingVersions, deployment["user_config"]).shadow["method2"].share == 0.2
     assert rayservice_user_config(str(path), "aigd") == uc

@@ -56,7 +56,7 @@ def app(ray_local, tiny_model, versions):
     args = serve_config(tiny_model, {"method1": v["m1"].uri, "method2": v["old"].uri})
     body = {"http_options": {"host": "127.0.0.1", "port": port},
             "applications": [{"name": "aigd", "route_prefix": "/", "import_path": "serve.app:build_app",
-                              "args": args}]}
+                              "args": args, "deployments": [{"name": "Detector"}]}]}
     dashboard = os.environ["AIGD_DASHBOARD"]
     requests.put(f"{dashboard}/api/serve/applications/", json=body, timeout=60).raise_for_status()
     url = f"http://127.0.0.1:{port}"
@@ -87,10 +87,15 @@ def test_promotion_and_rollback_under_load_lose_no_request_and_never_mix_version
     url, cfg = app
     _, v = versions
     old, new = v["old"].version, v["new"].version
+    from aigd.lifecycle import ServeApp
+
+    target = ServeApp(url, cfg.dashboard, cfg.serve_app)
+    replicas = {(r["replica_id"], r["pid"]) for r in target.detector()["replicas"]}
     with ClosedLoop(f"{url}/v1/detect?adapter=method2", image_bytes(photo(1)), clients=8) as load:
         time.sleep(3)
         t_promote = time.monotonic()
-        rows = promote(cfg, "method2", new, url, log=lambda *_: None)
+        logged = []
+        rows = promote(cfg, "method2", new, url, log=logged.append)
         t_promoted = time.monotonic()
         time.sleep(3)
         t_rollback = time.monotonic()
@@ -98,6 +103,7 @@ def test_promotion_and_rollback_under_load_lose_no_request_and_never_mix_version
         t_rolled = time.monotonic()
         time.sleep(2)
     answers = load.answers
+    assert not [m for m in logged if m.startswith("warning")]  # the config names the Detector
     assert len(answers) > 50 and [a for a in answers if a.status != 200] == []
     assert all(r.ok for r in rows) and {r.figure for r in rows} == {"clean.roc_auc", "jpeg_q50.roc_auc"}
     before, during, after = (load.between(0, t_promote), load.between(t_promote, t_rollback),
@@ -109,6 +115,7 @@ def test_promotion_and_rollback_under_load_lose_no_request_and_never_mix_version
     history = registry.promotions(v["old"].entry)
     assert [(p["from"], p["to"], p["action"]) for p in history[-2:]] == [(old, new, "promote"), (new, old, "rollback")]
     assert _serving(url) == {"method1": v["m1"].version, "method2": old}
+    assert {(r["replica_id"], r["pid"]) for r in target.detector()["replicas"]} == replicas  # in place: no restart
 
 
 @pytest.mark.parametrize("candidate, error", [

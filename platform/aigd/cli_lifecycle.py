@@ -60,11 +60,11 @@ def _list(args) -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"{'name':10s} {'version':27s} {'created':25s} {'method':8s} {'base':16s} {'clean AUC':>9s} "
+    print(f"{'name':10s} {'version':29s} {'created':25s} {'method':8s} {'base':16s} {'clean AUC':>9s} "
           f"{'q50 AUC':>8s} {'coverage':>8s}  serving")
     for r in rows:
         f = (lambda v: "-" if v is None else f"{v:.4f}")
-        print(f"{r['name']:10s} {r['version']:27s} {r['created'] or '-':25s} {r['method'] or '-':8s} "
+        print(f"{r['name']:10s} {r['version']:29s} {r['created'] or '-':25s} {r['method'] or '-':8s} "
               f"{r['base'] or '-':16s} {f(r['clean_auc']):>9s} {f(r['jpeg_q50_auc']):>8s} {f(r['coverage']):>8s}  "
               f"{', '.join(r['serving']) or '-'}")
 

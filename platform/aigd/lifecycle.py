@@ -144,6 +144,10 @@ class ServeApp:
     def detector(self, details: dict | None = None) -> dict:
         return (details or self.details())["applications"][self.name].get("deployments", {}).get(DETECTOR, {})
 
+    def has_detector_entry(self) -> bool:
+        app = self.details()["applications"][self.name]["deployed_app_config"]
+        return any(dep.get("name") == DETECTOR for dep in app.get("deployments") or [])
+
     def user_config(self) -> dict:
         """The Detector's user_config as the app's config sets it ({} before any promotion)."""
         app = self.details()["applications"][self.name]["deployed_app_config"]
@@ -291,6 +295,10 @@ def promote(cfg: C.PromoteConfig, name: str, version: str, app_url: str, *, acti
                 raise PromotionRefused(f"{candidate} does not pass the gate: " +
                                        "; ".join(f"{r.figure} {r.why}" for r in rows if not r.ok))
         current = rayservice_user_config(rayservice, cfg.serve_app) if rayservice else app.user_config()
+        if not rayservice and not app.has_detector_entry():
+            log(f"warning: the config of {cfg.serve_app!r} has no `deployments: [{{name: {DETECTOR}}}]` entry; "
+                "Serve may replace the replicas on this first promotion instead of reconfiguring them (add the "
+                "entry to the app's config, as configs/serve_*.yaml have it)")
         uc = {**current, "versions": {**serving_now, name: version}}
         uc["shadow"] = {n: s for n, s in (current.get("shadow") or {}).items()
                         if not (n == name and s.get("version") == version)}  # a shadow promoted stops shadowing

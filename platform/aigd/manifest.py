@@ -95,6 +95,7 @@ def recalibrated(version: registry.Version, fitted: dict, fitted_by: str) -> reg
     version being served is never edited; promoting the new one is what changes the answers."""
     manifest = read_manifest(version.uri)
     manifest["calibration"] = _calibration(fitted, fitted_by)
+    manifest["created_at"] = _now()  # this version's; the weights' training is in `training` and `parent`
     manifest.pop("adapter")
     return registry.publish(version.entry, registry.files_of(version.uri), manifest, parent=version.version)
 

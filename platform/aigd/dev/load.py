@@ -17,6 +17,7 @@ class Answer:
     received: float
     status: int  # 0: no HTTP answer (connection error)
     version: str | None  # the version the answer names
+    replica: str | None  # the model replica that gave it
 
 
 class ClosedLoop:
@@ -35,11 +36,11 @@ class ClosedLoop:
             t0 = time.monotonic()
             try:
                 r = session.post(self.url, files={"image": ("x.png", self.image)}, timeout=self.timeout_s)
-                status, version = r.status_code, _version(r)
+                status, (version, replica) = r.status_code, _version(r)
             except requests.RequestException:
-                status, version = 0, None
+                status, version, replica = 0, None, None
             with self._lock:
-                self.answers.append(Answer(t0, time.monotonic(), status, version))
+                self.answers.append(Answer(t0, time.monotonic(), status, version, replica))
 
     def __enter__(self) -> "ClosedLoop":
         for t in self._threads:
@@ -57,11 +58,12 @@ class ClosedLoop:
             return [a for a in self.answers if t0 <= a.sent < t1]
 
 
-def _version(r: requests.Response) -> str | None:
+def _version(r: requests.Response) -> tuple[str | None, str | None]:
     try:
-        return r.json()["model"]["version"]
+        body = r.json()
+        return body["model"]["version"], body["timing"]["replica"]
     except (ValueError, KeyError, TypeError):
-        return None
+        return None, None
 
 
 def p99_ms(answers: list[Answer]) -> float:
@@ -69,9 +71,22 @@ def p99_ms(answers: list[Answer]) -> float:
 
 
 def switch_order_ok(answers: list[Answer], old: str, new: str) -> bool:
-    """Every answer names `old` or `new`, and once an answer from `new` has arrived, no request
-    sent after it is answered by `old`: one switch, no flapping."""
+    """Every answer names `old` or `new`, and on each replica, once an answer from `new` has
+    arrived, no request sent after it is answered by `old`: one switch per replica, no flapping.
+    (Across replicas Serve rolls the switch out one replica at a time: see `overlap_s`.)"""
     if any(a.version not in (old, new) for a in answers):
         return False
+    for replica in {a.replica for a in answers}:
+        mine = [a for a in answers if a.replica == replica]
+        first_new = min((a.received for a in mine if a.version == new), default=float("inf"))
+        if any(a.version == old and a.sent > first_new for a in mine):
+            return False
+    return True
+
+
+def overlap_s(answers: list[Answer], old: str, new: str) -> float:
+    """How long both versions were answering: from the first answer of `new` to the last of `old`
+    (0 when the switch was clean across the whole app)."""
     first_new = min((a.received for a in answers if a.version == new), default=float("inf"))
-    return not any(a.version == old and a.sent > first_new for a in answers)
+    last_old = max((a.received for a in answers if a.version == old), default=float("-inf"))
+    return max(0.0, last_old - first_new) if first_new != float("inf") else 0.0

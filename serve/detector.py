@@ -48,7 +48,12 @@ class Detector:
     async def reconfigure(self, user_config: dict) -> None:
         """Switch adapters to the named versions and set the shadows. A version that fails to load
         is recorded (see /v1/models) and changes nothing: this replica keeps its old version."""
-        want = C.from_dict(C.ServingVersions, user_config or {})
+        try:
+            want = C.from_dict(C.ServingVersions, user_config or {})
+        except Exception as e:  # noqa: BLE001 - a hand-edited user_config: refuse it, keep serving what is loaded
+            log.error("user_config refused: %s", e)
+            self.refused = {"user_config": {"version": None, "error": str(e)}}
+            return
         await asyncio.to_thread(self._apply, want)
 
     def _apply(self, want: C.ServingVersions) -> None:

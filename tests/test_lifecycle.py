@@ -156,6 +156,27 @@ def test_a_version_a_replica_cannot_load_is_undone_and_the_app_keeps_serving(app
     assert r.status_code == 200 and r.json()["model"]["version"] == v["old"].version
 
 
+def test_a_malformed_user_config_is_refused_by_the_replica_which_keeps_serving(app, versions):
+    from aigd.lifecycle import ServeApp
+
+    url, cfg = app
+    _, v = versions
+    target = ServeApp(url, cfg.dashboard, cfg.serve_app)
+    before = target.user_config() or {"versions": _serving(url), "shadow": {}}
+    target.set_user_config({"versions": ["not", "a", "mapping"], "typo": 1})
+    try:
+        deadline, refused = time.monotonic() + 60, {}
+        while time.monotonic() < deadline and "user_config" not in refused:
+            refused = requests.get(f"{url}/v1/models", timeout=30).json()["refused_versions"]
+            time.sleep(0.5)
+        assert "unknown key" in refused["user_config"]["error"]
+        r = requests.post(f"{url}/v1/detect?adapter=method2", files={"image": ("x.png", image_bytes(photo(3)))},
+                          timeout=60)
+        assert r.status_code == 200 and r.json()["model"]["version"] == v["old"].version
+    finally:
+        target.set_user_config(before)
+
+
 def test_two_promotions_at_once_one_wins_the_other_is_told(app, versions):
     from aigd.lifecycle import PromotionBusy, promote, rollback
 

@@ -48,6 +48,9 @@ def test_a_uri_registry_publishes_manifest_last_and_is_copied_down_verified(tmp_
     local = registry.local_copy(v)
     assert local == tmp_path / "home" / "cache" / "adapters" / "method1" / v.version
     assert (local / registry.WEIGHTS).read_bytes() == _files(2)[registry.WEIGHTS]
+    (local / registry.WEIGHTS).write_bytes(b"damaged")  # a damaged cached copy is fetched again
+    assert (registry.local_copy(v) / registry.WEIGHTS).read_bytes() == _files(2)[registry.WEIGHTS]
+    assert [p.name for p in local.parent.iterdir()] == [v.version]  # no temporary copy left
     # an interrupted publish: weights written, no manifest yet
     half = tmp_path / "bucket" / "adapters" / "method1" / "20991231T000000000Z-00000000"
     half.mkdir()
@@ -140,21 +143,30 @@ def test_a_promotion_needs_both_versions_evaluated_on_one_set(tmp_path):
     assert evalset == "test-1" and cand["metrics"]["clean.roc_auc"] == 0.95 and serv["metrics"]["clean.roc_auc"] == 0.9
 
 
-def test_one_promotion_at_a_time_and_a_dead_holder_is_taken_over(tmp_path, monkeypatch):
+def test_one_promotion_at_a_time_and_a_lock_left_behind_holds_nothing(tmp_path, monkeypatch):
     from aigd.lifecycle import Lock, PromotionBusy
 
     monkeypatch.setenv("AIGD_HOME", str(tmp_path))
     with Lock("app"):
-        with pytest.raises(PromotionBusy, match="another promotion"):
+        with pytest.raises(PromotionBusy, match=f"pid {os.getpid()}"):
             with Lock("app"):
                 pass
         with Lock("other app"):
             pass
     lock = Lock("app")
-    lock.path.write_text(json.dumps({"pid": 2 ** 22 + 12345}))  # no such process
+    lock.path.write_text("pid 4194303 since 00:00:00")  # the file of a holder that died: no flock on it
     with lock:
-        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
-    assert not lock.path.exists()
+        assert lock.path.read_text().startswith(f"pid {os.getpid()} ")
+
+
+def test_a_version_stamped_in_the_future_does_not_stall_publishing(tmp_path):
+    entry = tmp_path / "m"
+    future = registry.publish(str(entry), _files(0), _manifest())
+    os.rename(entry / future.version, entry / "20991231T235959999Z-0000abcd")  # another machine's clock
+    (entry / "20991231T235959999Z-0000abcd" / registry.MANIFEST).write_text(json.dumps(
+        {**_manifest(), "adapter": {"version": "20991231T235959999Z-0000abcd"}}))
+    v = registry.publish(str(entry), _files(1), _manifest())
+    assert v.version.startswith("21000101T000000000Z-") and registry.resolve(str(entry)) == v
 
 
 def test_the_shadow_report_reads_rays_prometheus_text():
@@ -175,3 +187,15 @@ def test_the_shadow_report_reads_rays_prometheus_text():
     r = rows[("method2", "B")]
     assert r["images"] == 40 and r["agreement"] == 0.9 and r["mean_abs_diff"] == 0.05
     assert r["flips"] == {"real->fake": 3.0, "fake->real": 1.0} and rows[("method2", None)]["skipped"] == 5
+
+
+def test_a_second_rollback_does_not_undo_the_first(tmp_path):
+    """promote a->b, promote b->c, rollback c->b: the next rollback goes to a, not back to c."""
+    from aigd.lifecycle import previous_version
+
+    entry = str(tmp_path / "m")
+    for serving, promoted, action in (("a", "b", "promote"), ("b", "c", "promote"), ("c", "b", "rollback")):
+        registry.record_promotion(entry, "http://app", serving, promoted, action)
+    assert previous_version(entry, "http://app", "b") == "a"
+    assert previous_version(entry, "http://app", "c") == "b"
+    assert previous_version(entry, "http://other", "b") is None

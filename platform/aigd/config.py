@@ -543,12 +543,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def _build(cls: type, raw: dict, prefix: str = ""):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: expected a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(prefix + k for k in unknown)} for {cls.__name__}")
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in raw.items()}
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs and
+               f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"missing key(s) {', '.join(prefix + k for k in missing)} for {cls.__name__}")
     obj = cls(**kwargs)
     for f in dataclasses.fields(cls):
         if f.name not in raw:

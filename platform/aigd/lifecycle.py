@@ -11,6 +11,7 @@ on a replica is undone.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -183,7 +184,8 @@ class ServeApp:
         if det.get("status") in ("DEPLOY_FAILED", "UNHEALTHY") or app.get("status") == "DEPLOY_FAILED":
             raise PromotionRefused(f"Serve reports the Detector {det.get('status')}: {det.get('message', '')[:300]}")
         replicas = det.get("replicas", [])
-        return (det.get("deployment_config", {}).get("user_config") == user_config and det.get("status") == "HEALTHY"
+        return (det.get("deployment_config", {}).get("user_config") == user_config
+                and det.get("status") in ("HEALTHY", "UPSCALING", "DOWNSCALING")
                 and app.get("status") == "RUNNING" and len(replicas) == det.get("target_num_replicas")
                 and all(r.get("state") == "RUNNING" for r in replicas))
 
@@ -192,45 +194,33 @@ class ServeApp:
 
 
 class Lock:
-    """One promotion per app at a time on this machine (O_EXCL on a lock file); a lock left by a
-    process that is gone is taken over."""
+    """One promotion per app at a time on this machine: an exclusive flock on a lock file, which
+    the OS releases when its holder exits, however it exits."""
 
     def __init__(self, key: str):
         home = os.path.expanduser(os.environ.get("AIGD_HOME", "~/.cache/aigd"))
         self.path = Path(home) / "locks" / f"promote-{hashlib.sha256(key.encode()).hexdigest()[:12]}.lock"
+        self.fd: int | None = None
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                os.write(fd, json.dumps({"pid": os.getpid(), "since": time.time()}).encode())
-                os.close(fd)
-                return self
-            except FileExistsError:
-                holder = self._holder()
-                if holder is not None and _alive(holder.get("pid")):
-                    raise PromotionBusy(f"another promotion of this app is running (pid {holder['pid']}); "
-                                        f"retry when it ends (lock: {self.path})") from None
-                self.path.unlink(missing_ok=True)  # its process is gone
-        raise PromotionBusy(f"could not take the promotion lock {self.path}")
-
-    def _holder(self) -> dict | None:
+        fd = os.open(self.path, os.O_CREAT | os.O_RDWR)
         try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return None
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip()
+            os.close(fd)
+            raise PromotionBusy(f"another promotion of this app is running ({holder or 'pid unknown'}); retry "
+                                f"when it ends (lock: {self.path})") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} since {time.strftime('%H:%M:%S')}".encode())
+        self.fd = fd
+        return self
 
     def __exit__(self, *exc):
-        self.path.unlink(missing_ok=True)
-
-
-def _alive(pid) -> bool:
-    try:
-        os.kill(int(pid), 0)
-        return True
-    except (OSError, TypeError, ValueError):
-        return False
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
 
 
 def check_candidate(candidate: registry.Version, serving: registry.Version) -> dict:
@@ -244,30 +234,37 @@ def check_candidate(candidate: registry.Version, serving: registry.Version) -> d
 
 def wait_applied(app: ServeApp, name: str, version: str | None, user_config: dict, timeout_s: float,
                  field: str = "adapters") -> None:
-    """Until Serve has rolled the user_config out and the app answers with `version`; a replica
-    that refused the version raises (replicas never raise in reconfigure: Serve would stop them)."""
-    deadline, agree = time.monotonic() + timeout_s, 0
+    """Until Serve has rolled the user_config out and every Detector replica has answered with
+    `version` (each /v1/models answer names its replica); a replica that refused it raises
+    (replicas never raise in reconfigure: Serve would stop them)."""
+    deadline, seen = time.monotonic() + timeout_s, {}
     while time.monotonic() < deadline:
-        info = app.models()
+        try:
+            info = app.models()
+        except ApiError:  # a busy or restarting router: ask again
+            time.sleep(0.5)
+            continue
         refused = info.get("refused_versions", {}).get(name if field == "adapters" else f"{name} (shadow)")
         if refused and refused.get("version") == version:
-            raise PromotionRefused(f"a replica refused {name}@{version}: {refused['error']}")
+            raise PromotionRefused(f"replica {info.get('replica')} refused {name}@{version}: {refused['error']}")
         now = info["adapters"].get(name, {}).get("version") if field == "adapters" else info["shadows"].get(name)
-        agree = agree + 1 if now == version else 0
-        if agree >= 3 and app.rolled_out(user_config):
+        seen[info.get("replica")] = now
+        replicas = {r.get("replica_id") for r in app.detector().get("replicas", [])}
+        if replicas and all(seen.get(r) == version for r in replicas) and app.rolled_out(user_config):
             return
-        time.sleep(0.5)
-    raise PromotionRefused(f"{name}@{version} not serving everywhere after {timeout_s:g} s")
+        time.sleep(0.2)
+    raise PromotionRefused(f"{name}@{version} not serving on every replica after {timeout_s:g} s")
 
 
 def switch(cfg: C.PromoteConfig, app: ServeApp, name: str, user_config: dict, version: str | None, field: str) -> None:
-    """Apply a new user_config; undo it when a replica refuses the version or it never lands."""
+    """Apply a new user_config; undo it when a replica refuses the version, it never lands, or
+    the wait is interrupted."""
     # Explicit versions, not {}: an undo must also switch back a replica that did take the new one.
     before = app.user_config() or {"versions": app.serving(), "shadow": {}}
     app.set_user_config(user_config)
     try:
         wait_applied(app, name, version, user_config, cfg.timeout_s, field)
-    except PromotionRefused:
+    except BaseException:
         app.set_user_config(before)
         raise
 
@@ -320,12 +317,20 @@ def rollback(cfg: C.PromoteConfig, name: str, app_url: str, rayservice: str | No
     app = ServeApp(app_url, cfg.dashboard, cfg.serve_app, cfg.timeout_s)
     current = app.serving().get(name)
     entry = f"{cfg.registry.rstrip('/')}/{name}"
-    previous = [p for p in registry.promotions(entry) if p["app"] == app.url and p["to"] == current and p["from"]]
-    if not previous:
+    previous = previous_version(entry, app.url, current)
+    if previous is None:
         raise PromotionRefused(f"no promotion to {name}@{current} on {app.url} is recorded; nothing to roll back "
                                f"(promote an older version by name instead)")
-    promote(cfg, name, previous[-1]["from"], app_url, action="rollback", gate_on=False, rayservice=rayservice, log=log)
-    return previous[-1]["from"]
+    promote(cfg, name, previous, app_url, action="rollback", gate_on=False, rayservice=rayservice, log=log)
+    return previous
+
+
+def previous_version(entry: str, app_url: str, current: str) -> str | None:
+    """The version the newest promotion to `current` on this app replaced (a rollback's `from` is
+    the version it rolled back, never a target)."""
+    found = [p["from"] for p in registry.promotions(entry) if p["app"] == app_url and p["to"] == current
+             and p["from"] and not p["action"].startswith("rollback")]
+    return found[-1] if found else None
 
 
 def set_shadow(cfg: C.PromoteConfig, name: str, version: str | None, share: float, app_url: str,

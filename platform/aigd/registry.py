@@ -19,8 +19,8 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import struct
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,14 +107,15 @@ def _now() -> datetime.datetime:
 
 
 def _stamp(entry: str) -> str:
-    """Now, to the millisecond, and later than the entry's newest version: newest is unambiguous."""
+    """Now, to the millisecond, or 1 ms after the entry's newest version if that is not earlier
+    (a clock behind another machine's): the newest version is always the last published."""
     newest = max((n.split("Z-")[0] for n, _ in _children(entry) if VERSION.fullmatch(n)), default="")
-    while True:
-        t = _now()
-        stamp = f"{t:%Y%m%dT%H%M%S}{t.microsecond // 1000:03d}"
-        if stamp > newest:
-            return stamp
-        time.sleep(0.002)
+    t = _now()
+    if newest:
+        last = datetime.datetime.strptime(newest[:15], "%Y%m%dT%H%M%S").replace(
+            microsecond=int(newest[15:]) * 1000, tzinfo=datetime.timezone.utc)
+        t = max(t, last + datetime.timedelta(milliseconds=1))
+    return f"{t:%Y%m%dT%H%M%S}{t.microsecond // 1000:03d}"
 
 
 def _sha256(data: bytes) -> str:
@@ -233,21 +234,29 @@ def _check_safetensors(data: bytes, where: str) -> None:
 
 def local_copy(version: Version, cache: str | None = None) -> Path:
     """A local folder holding the verified version (peft loads from local files). Remote versions
-    are downloaded once into the cache: a version never changes, so the copy stays valid."""
-    verify(version)
+    are downloaded once into the cache (a version never changes) and the copy is verified too."""
     if not is_remote(version.entry):
+        verify(version)
         return Path(_fs(version.uri)[1])
     cache = cache or os.path.expanduser(os.path.join(os.environ.get("AIGD_HOME", "~/.cache/aigd"), "cache", "adapters"))
     out = Path(cache) / version.name / version.version
-    if not (out / MANIFEST).exists():
-        tmp = out.with_name(f".tmp-{version.version}-{uuid.uuid4().hex[:6]}")
-        tmp.mkdir(parents=True)
-        for name in (*FILES, MANIFEST):
-            (tmp / name).write_bytes(_read(f"{version.uri}/{name}"))
+    local = Version(str(out.parent), version.version)
+    if (out / MANIFEST).exists():
         try:
-            os.rename(tmp, out)
-        except OSError:  # another replica on this node won the race: its copy is the same version
-            pass
+            verify(local)
+            return out
+        except VersionError:  # a damaged cache: fetch it again
+            shutil.rmtree(out, ignore_errors=True)
+    verify(version)  # a bad version is refused before anything is copied
+    tmp = out.with_name(f".tmp-{version.version}-{uuid.uuid4().hex[:6]}")
+    tmp.mkdir(parents=True)
+    for name in (*FILES, MANIFEST):
+        (tmp / name).write_bytes(_read(f"{version.uri}/{name}"))
+    try:
+        os.rename(tmp, out)
+    except OSError:  # another replica on this node won the race: its copy is the same version
+        shutil.rmtree(tmp, ignore_errors=True)
+    verify(local)
     return out
 
 

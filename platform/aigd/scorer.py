@@ -209,6 +209,9 @@ class Scorer:
 
     def describe(self) -> dict:
         """What clients may see: names, versions and rules, never a server path."""
+        # Copies in one C call each (atomic under the GIL): a reconfigure may add or drop versions
+        # meanwhile, and the scoring lock would make /readyz wait for a forward pass.
+        members, shadows = dict(self.members), dict(self.shadows)
         base = {k: self.base[k] for k in ("checkpoint", "backend", "dtype", "quantization", "fingerprint")}
         if Path(base["checkpoint"]).is_absolute():  # a local folder: its name only
             base["checkpoint"] = Path(base["checkpoint"]).name
@@ -217,7 +220,7 @@ class Scorer:
             "device": str(self.device),
             "image_policy": policy_dict(self.policy),
             "adapters": {n: {"temperature": m.temperature, **m.rule.as_dict(), **m.model_info}
-                         for n, m in self.members.items()},
-            "shadows": {n: m.version.version for n, m in self.shadows.items()},
+                         for n, m in members.items()},
+            "shadows": {n: m.version.version for n, m in shadows.items()},
             "unavailable": sorted(self.unavailable),
         }

@@ -32,7 +32,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import requests
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -62,6 +61,7 @@ def registry_with_two_versions(root: Path) -> tuple:
 
 def deploy(dashboard: str, port: int, tiny: Path, m1: Path, old: Path, replicas: int) -> str:
     from aigd.dev.adapters import SMALL_POLICY
+    from aigd.dev.load import deploy as serve_app
 
     args = {"model": {"name_or_path": str(tiny), "load_in_4bit": False}, "image": SMALL_POLICY,
             "adapters": {"method1": str(m1), "method2": str(old)},
@@ -69,20 +69,7 @@ def deploy(dashboard: str, port: int, tiny: Path, m1: Path, old: Path, replicas:
             "detector": {"num_cpus": 0.1, "max_batch_size": 8, "autoscaling": {"min_replicas": replicas,
                                                                               "max_replicas": replicas}},
             "router": {"num_cpus": 0.05}}
-    body = {"http_options": {"host": "127.0.0.1", "port": port},
-            "applications": [{"name": "aigd", "route_prefix": "/", "import_path": "serve.app:build_app", "args": args,
-                              "deployments": [{"name": "Detector"}]}]}
-    requests.put(f"{dashboard}/api/serve/applications/", json=body, timeout=60).raise_for_status()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/readyz", timeout=5).status_code == 200:
-                return url
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    raise SystemExit("the app did not become ready in 300 s")
+    return serve_app(dashboard, port, args)
 
 
 def measure(url: str, cfg, old: str, new: str, clients: int, seconds: float) -> dict:

@@ -51,23 +51,13 @@ def versions(tiny_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def app(ray_local, tiny_model, versions):
     """The app deployed declaratively (REST PUT), serving method2's old version."""
+    from aigd.dev.load import deploy
+
     root, v = versions
     port = free_port()
     args = serve_config(tiny_model, {"method1": v["m1"].uri, "method2": v["old"].uri})
-    body = {"http_options": {"host": "127.0.0.1", "port": port},
-            "applications": [{"name": "aigd", "route_prefix": "/", "import_path": "serve.app:build_app",
-                              "args": args, "deployments": [{"name": "Detector"}]}]}
     dashboard = os.environ["AIGD_DASHBOARD"]
-    requests.put(f"{dashboard}/api/serve/applications/", json=body, timeout=60).raise_for_status()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/readyz", timeout=5).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(1)
+    url = deploy(dashboard, port, args, timeout_s=240)
     cfg = C.from_dict(C.PromoteConfig, {"registry": str(root), "dashboard": dashboard, "timeout_s": 120.0,
                                         "gate": {"floors": {"clean.roc_auc": 0.95}, "max_regression": 0.005}})
     yield url, cfg

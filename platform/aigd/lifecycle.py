@@ -117,9 +117,12 @@ class ServeApp:
     def models(self) -> dict:
         return self.client.models()
 
-    def serving(self) -> dict[str, str]:
-        """adapter -> the version the app answers with now."""
-        return {n: a["version"] for n, a in self.models()["adapters"].items()}
+    def serving(self, required: str | None = None) -> dict[str, str]:
+        """adapter -> the version the app answers with now; refused when `required` is not among them."""
+        now = {n: a["version"] for n, a in self.models()["adapters"].items()}
+        if required is not None and required not in now:
+            raise PromotionRefused(f"the app serves no adapter {required!r}; it serves {sorted(now)}")
+        return now
 
     def _rest(self, method: str, body: dict | None = None) -> dict:
         try:
@@ -276,9 +279,7 @@ def promote(cfg: C.PromoteConfig, name: str, version: str, app_url: str, *, acti
     app = ServeApp(app_url, cfg.dashboard, cfg.serve_app, cfg.timeout_s)
     entry = f"{cfg.registry.rstrip('/')}/{name}"
     with Lock(f"{rayservice or cfg.dashboard}|{cfg.serve_app}"):
-        serving_now = app.serving()
-        if name not in serving_now:
-            raise PromotionRefused(f"the app serves no adapter {name!r}; it serves {sorted(serving_now)}")
+        serving_now = app.serving(name)
         candidate, serving = registry.Version(entry, version), registry.Version(entry, serving_now[name])
         if candidate == serving:
             raise PromotionRefused(f"{candidate} is already serving")
@@ -339,9 +340,7 @@ def set_shadow(cfg: C.PromoteConfig, name: str, version: str | None, share: floa
     app = ServeApp(app_url, cfg.dashboard, cfg.serve_app, cfg.timeout_s)
     entry = f"{cfg.registry.rstrip('/')}/{name}"
     with Lock(f"{cfg.dashboard}|{cfg.serve_app}"):
-        serving_now = app.serving()
-        if name not in serving_now:
-            raise PromotionRefused(f"the app serves no adapter {name!r}; it serves {sorted(serving_now)}")
+        serving_now = app.serving(name)
         uc = app.user_config() or {"versions": serving_now}
         shadow = dict(uc.get("shadow", {}))
         if version is None:

@@ -1,5 +1,5 @@
-"""Closed-loop HTTP load with a record of every answer: the promotion test and bench/promote_load.py
-drive a running app with it while it switches versions."""
+"""A Serve app deployed from a config, and closed-loop HTTP load with a record of every answer: the
+promotion test and bench/promote_load.py drive a running app with it while it switches versions."""
 
 from __future__ import annotations
 
@@ -9,6 +9,25 @@ from dataclasses import dataclass
 
 import numpy as np
 import requests
+
+
+def deploy(dashboard: str, port: int, args: dict, timeout_s: float = 300.0) -> str:
+    """Deploy `serve.app:build_app` with these ServeConfig args through the Serve REST API, as
+    `serve deploy` does (the Detector named, as configs/serve_*.yaml do); its URL once it is ready."""
+    body = {"http_options": {"host": "127.0.0.1", "port": port},
+            "applications": [{"name": "aigd", "route_prefix": "/", "import_path": "serve.app:build_app",
+                              "args": args, "deployments": [{"name": "Detector"}]}]}
+    requests.put(f"{dashboard}/api/serve/applications/", json=body, timeout=60).raise_for_status()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return url
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"the app at {url} did not become ready in {timeout_s:g} s")
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,9 @@ serve-demo: cluster
 	curl -s -F image=@$$sample http://127.0.0.1:8000/v1/ensemble | $(PY) -m json.tool; \
 	echo "Held-out samples of each class (test split, never trained on):"; \
 	$(PY) serve/try_samples.py --url http://127.0.0.1:8000 $(AIGD_HOME)/demo-data/samples/*
+	@sample=$$(ls $(AIGD_HOME)/demo-data/samples/fake-* | head -1); \
+	echo "Where the evidence is, for that held-out fake (the ensemble's occlusion map through /v1/explain):"; \
+	$(VENV)/bin/aigd explain --api http://127.0.0.1:8000 $$sample --out $(AIGD_HOME)/explain-overlay.png
 	@echo "Adapter versions in the registry, their recorded figures, and which one the app serves:"
 	@$(VENV)/bin/aigd adapters list --app http://127.0.0.1:8000
 

@@ -31,10 +31,11 @@ from aigd import config as C
 from aigd import registry
 from aigd import report as R
 from aigd import evaluation as E
+from aigd import explain_eval, explain_report
 from aigd.data import configure_execution, planned_rows
 from aigd.manifest import policy_for, recalibrated
-from aigd.sampling import Catalog
-from aigd.sources import metadata, resolve_source
+from aigd.sampling import Catalog, unit_hash
+from aigd.sources import image_bytes, metadata, resolve_source, row_blocks, shards, with_images
 
 
 def parse_args(argv=None) -> C.EvalConfig:
@@ -142,6 +143,44 @@ def record(cfg: C.EvalConfig, evalset: dict, summary: dict, report: Path) -> Non
         print(f"[evaluate] {name}: figures recorded for version {registry.resolve(uri).version} ({where})")
 
 
+def _read(cat: Catalog, idx: np.ndarray, columns: tuple[str, ...]) -> list[tuple]:
+    """(img_id, *columns as bytes) of the given catalog rows."""
+    rows = cat.table.take(pa.array(np.sort(idx)))
+    files = shards(cat.cfg)
+    out = []
+    for block in row_blocks(rows, 64):
+        block = with_images(cat.cfg, files, block, columns)
+        out += zip(block.column("img_id").to_pylist(), *(image_bytes(block.column(c).to_pylist()) for c in columns))
+    return out
+
+
+def explanation_rows(cfg: C.EvalConfig, cat: Catalog) -> tuple[list, list]:
+    """The fixed subsets (by a hash of img_id): `explain.fakes` fakes of the split, and
+    `explain.tampered` tampered rows (label_map: tampered) of any split with a stored mask."""
+    draw = unit_hash(cat.ids, "explain")
+    fakes = np.flatnonzero(cat.in_split(cfg.split) & (cat.cls == 1))
+    fakes = fakes[np.argsort(draw[fakes])][:cfg.explain.fakes]
+    codes = [int(k) for k, v in cat.cfg.label_map.items() if v == "tampered"]
+    tampered = np.flatnonzero(np.isin(cat.table.column("label").to_numpy(), codes)
+                              & (cat.table.column("width").to_numpy() >= cat.cfg.min_width))
+    tampered = tampered[np.argsort(draw[tampered])][:2 * cfg.explain.tampered]  # some may lack a mask
+    with_mask = [r for r in _read(cat, tampered, ("image", "mask")) if r[2] is not None][:cfg.explain.tampered]
+    return _read(cat, fakes, ("image",)), with_mask
+
+
+def explanations(cfg: C.EvalConfig, cat: Catalog) -> dict:
+    """Faithfulness and localization of the maps (aigd.explain_eval), in one task with one Scorer."""
+    t0 = time.perf_counter()
+    fakes, tampered = explanation_rows(cfg, cat)
+    if not fakes:
+        raise SystemExit(f"explain: no fakes in split {cfg.split!r}")
+    task = ray.remote(num_cpus=cfg.scorer_cpus, num_gpus=cfg.scorer_gpus or None)(explain_eval.evaluate)
+    figures = ray.get(task.remote(cfg, fakes, tampered))
+    print(f"[evaluate] explanations: {len(fakes)} fakes, {len(tampered)} tampered rows with masks, "
+          f"{len(cfg.adapters)} adapter(s) x {len(cfg.explain.methods)} method(s) in {time.perf_counter() - t0:.0f} s")
+    return figures
+
+
 def main(argv=None) -> Path:
     cfg = parse_args(argv)
     if not ray.is_initialized():
@@ -163,10 +202,19 @@ def main(argv=None) -> Path:
     extra["n_images"] = int(np.sum(scores["perturbation"] == "clean"))
     out = Path(cfg.out_dir)
     extra["evaluation_set"] = evaluation_set(cfg, cat)
-    report = R.write_report(scores, summary, cfg, extra, out)
+    sections = ()
+    if cfg.explain.enabled:
+        figures = explanations(cfg, cat)
+        pictures = figures.pop("pictures")
+        extra["explanations"] = figures
+        out.mkdir(parents=True, exist_ok=True)
+        sections = (explain_report.html_section(figures, pictures, out),)
+    report = R.write_report(scores, summary, cfg, extra, out, sections)
     record(cfg, extra["evaluation_set"], summary, report)
     pq.write_table(pa.table(E.predictions(scores, cfg)), out / "predictions.parquet")
     print(f"\n{R.text_table(summary)}\n")
+    if "explanations" in extra:
+        print(f"{explain_report.text_table(extra['explanations'])}\n")
     print(f"{extra['n_images']} images ({unreadable} unreadable, skipped) x {len(cfg.perturbations)} perturbations "
           f"scored in {time.perf_counter() - t0:.0f} s")
     print(f"report: {report}\nmetrics: {out / 'metrics.json'}\nper-image answers: {out / 'predictions.parquet'}")

@@ -12,6 +12,7 @@ import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Literal, Optional
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
@@ -22,8 +23,8 @@ from ray.serve.handle import DeploymentHandle
 from aigd import config as C
 from aigd import registry
 from aigd.decision import ENSEMBLE, ensemble_answer
-from aigd.errors import (AdapterUnavailable, AigdError, DeadlineExceeded, MemberFailed, Overloaded, ReplicaLost,
-                         UnknownAdapter, error_body, http_status)
+from aigd.errors import (AdapterUnavailable, AigdError, DeadlineExceeded, MemberFailed, NotFound, Overloaded,
+                         ReplicaLost, UnknownAdapter, error_body, from_body, http_status)
 from aigd.image_view import prepare
 from aigd.manifest import policy_for
 from serve.auth import api_keys, check_api_key
@@ -67,7 +68,8 @@ class Router:
 
     # ---- plumbing: access, body, admission, errors, metrics
 
-    async def _answer(self, request: Request, endpoint: str, adapter: str, work, body: bool = True) -> JSONResponse:
+    async def _answer(self, request: Request, endpoint: str, adapter: str, work, body: bool = True,
+                      timeout_s: float | None = None) -> JSONResponse:
         """Key check, then the whole body (before admission: a slow upload holds no slot), then
         admission and `work(body)` under the request deadline; every failure a JSON error. A full
         replica refuses before reading the body, which keeps overload cheap."""
@@ -77,7 +79,7 @@ class Router:
                 check_api_key(request, self.keys)
             self._check_capacity()  # full already: refuse before pulling the body through the proxy
             data = await read_body(request, self.cfg.request) if body else b""
-            response = JSONResponse(await self._admitted(work, data))
+            response = JSONResponse(await self._admitted(work, data, timeout_s or self.cfg.request.timeout_s))
         except AigdError as e:
             response = error_response(e, self.cfg.retry_after_s)
         except Exception as e:  # never a traceback, never a dead replica; the log keeps the details
@@ -96,14 +98,14 @@ class Router:
         if self.in_flight >= self.cfg.router.max_in_flight:
             raise Overloaded("server busy; retry later")
 
-    async def _admitted(self, work, data: bytes):
+    async def _admitted(self, work, data: bytes, timeout_s: float):
         self._check_capacity()
         self.in_flight += 1
         try:
-            async with asyncio.timeout(self.cfg.request.timeout_s):
+            async with asyncio.timeout(timeout_s):
                 return await work(data)
         except TimeoutError:
-            raise DeadlineExceeded(f"not answered within {self.cfg.request.timeout_s:g} s; retry later") from None
+            raise DeadlineExceeded(f"not answered within {timeout_s:g} s; retry later") from None
         finally:
             self.in_flight -= 1
 
@@ -111,20 +113,20 @@ class Router:
         t0 = time.perf_counter()
         pixels = await self._cpu(prepare, data, self.cfg.limits, self.policy)
         t1 = time.perf_counter()
-        out = await self._model(pixels, adapters)
+        out = await self._replica("score", pixels, adapters)
         timing = {"decode_ms": round((t1 - t0) * 1000, 2), "model_ms": round((time.perf_counter() - t1) * 1000, 2),
                   "batch_size": out["batch_size"], "replica": out["replica"]}
         return out["members"], timing
 
-    async def _model(self, pixels: np.ndarray, adapters: tuple[str, ...]) -> dict:
-        """The model replica's answer. Scoring has no side effects, so a request whose replica died
-        under it (SIGKILL, OOM, node loss) is sent once more; Serve routes it to a live replica."""
+    async def _replica(self, method: str, *args) -> dict:
+        """A model replica's answer (`score`, `explain`). Neither has side effects, so a request whose
+        replica died under it (SIGKILL, OOM, node loss) is sent once more; Serve routes it to a live replica."""
         from ray.exceptions import RayActorError
         from ray.serve.exceptions import BackPressureError
 
         for attempt in range(2):
             try:
-                return await self.detector.score.remote(pixels, adapters)
+                return await getattr(self.detector, method).remote(*args)
             except BackPressureError:
                 raise Overloaded("model replicas are at capacity; retry later") from None
             except RayActorError:
@@ -158,7 +160,8 @@ class Router:
     def __serve_build_asgi_app__(self) -> FastAPI:
         api = new_api()
         for name, (method, path, docs) in ROUTES.items():
-            api.add_api_route(path, getattr(self, name), methods=[method], **docs)
+            hidden = name == "explain" and not self.cfg.explain.enabled  # answers a JSON 404 saying so
+            api.add_api_route(path, getattr(self, name), methods=[method], **docs, include_in_schema=not hidden)
         # FastAPI serves the document it cached on this app, which no other Router shares.
         describe_deployment(api.openapi(), sorted(self.cfg.adapters), self.cfg.auth.enabled)
         return api
@@ -199,6 +202,29 @@ class Router:
             return {"adapter": adapter, "results": [{"index": i, **r} for i, r in enumerate(results)]}
 
         return await self._answer(request, "detect_batch", adapter, work)
+
+    async def explain(self, request: Request,
+                      adapter: str = Query(ENSEMBLE, description="adapter name, or ensemble (its members' maps, "
+                                                                 "weighted as their P(fake))"),
+                      method: Optional[Literal[C.EXPLAIN_METHODS]] = Query(None, description="default: explain.method")):
+        async def work(body: bytes):
+            t0 = time.perf_counter()
+            if not self.cfg.explain.enabled:
+                raise NotFound("explanations are turned off in this deployment (explain.enabled: false)")
+            if adapter != ENSEMBLE:
+                self._check_adapter(adapter)
+            data = (await image_payloads(request, body, 1, self._cpu))[0]
+            pixels = await self._cpu(prepare, data, self.cfg.limits, self.policy)
+            t1 = time.perf_counter()
+            out = await self._replica("explain", pixels, adapter, method,
+                                      self.cfg.explain.timeout_s - (t1 - t0))
+            if "error" in out:
+                raise from_body(out)
+            self.verdicts.inc(tags={"adapter": adapter, "label": out["answer"]["label"]})
+            return {**out["answer"], "timing": {"decode_ms": round((t1 - t0) * 1000, 2), "model_ms": out["explain_ms"],
+                                                "batch_size": 1, "replica": out["replica"]}}
+
+        return await self._answer(request, "explain", adapter, work, timeout_s=self.cfg.explain.timeout_s)
 
     async def models(self, request: Request):
         async def work(_: bytes):

@@ -15,7 +15,7 @@ import numpy as np
 from ray import serve
 
 from aigd import config as C
-from aigd.errors import AdapterUnavailable, AigdError, error_body
+from aigd.errors import AdapterUnavailable, AigdError, Overloaded, error_body
 
 log = logging.getLogger("ray.serve")
 
@@ -44,6 +44,7 @@ class Detector:
                                      boundaries=BATCH_SIZES)
         self.shadow = ShadowScoring(self.scorer)
         self.refused: dict[str, dict] = {}  # adapter -> the version a reconfigure could not load, and why
+        self.explaining = 0
 
     async def reconfigure(self, user_config: dict) -> None:
         """Switch adapters to the named versions and set the shadows. A version that fails to load
@@ -103,6 +104,28 @@ class Detector:
             err = value if isinstance(value, AigdError) else AdapterUnavailable(f"adapter {name} failed")
             return error_body(err)
         return value
+
+    async def explain(self, image: np.ndarray, adapter: str, method: str | None, budget_s: float) -> dict:
+        """An answer with its map (aigd.explain), or an error body: at most explain.max_concurrent at
+        once on this replica, and no pass starts once `budget_s` has passed."""
+        from aigd.explain import explain
+
+        if self.explaining >= self.cfg.explain.max_concurrent:
+            return error_body(Overloaded(f"this replica is already making {self.explaining} explanation(s) "
+                                         "(explain.max_concurrent); retry later"))
+        self.explaining += 1
+        t0 = time.perf_counter()
+        try:
+            answer = await asyncio.to_thread(explain, self.scorer, image, adapter, self.cfg.ensemble, self.cfg.explain,
+                                             method, time.monotonic() + budget_s)
+        except AigdError as e:
+            return error_body(e)
+        except Exception:  # noqa: BLE001 - logged here; the client gets a 503, the replica lives on
+            log.exception("explanation with %s failed", adapter)
+            return error_body(AdapterUnavailable(f"explanation with {adapter} failed"))
+        finally:
+            self.explaining -= 1
+        return {"answer": answer, "replica": self.replica, "explain_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
     def info(self) -> dict:
         return {**self.scorer.describe(), "replica": self.replica, "refused_versions": self.refused}

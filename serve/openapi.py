@@ -9,6 +9,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from aigd.config import EXPLAIN_METHODS
 from aigd.decision import ENSEMBLE
 from aigd.errors import HTTP_STATUS
 
@@ -60,6 +61,40 @@ class EnsembleAnswer(BaseModel):
     members_used: list[str]
     members_failed: dict[str, str]
     members: dict[str, MemberAnswer]
+    timing: Timing
+
+
+class RegionBox(BaseModel):
+    x: float = Field(ge=0, le=1, description="left edge, a fraction of the image's width")
+    y: float = Field(ge=0, le=1, description="top edge, a fraction of the image's height")
+    w: float = Field(ge=0, le=1)
+    h: float = Field(ge=0, le=1)
+    score: float = Field(ge=0, le=1, description="the map's peak inside the box")
+    area: float = Field(ge=0, le=1, description="share of the image's tokens in the region")
+
+
+class Explanation(BaseModel):
+    method: Literal[EXPLAIN_METHODS]
+    grid: list[list[float]] = Field(description="[row][column] over the model's 28-px tokens, in [0, 1]: the share "
+                                                "of the strongest evidence for fake each region carries")
+    grid_shape: list[int] = Field(description="[rows, columns]")
+    region_boxes: list[RegionBox] = Field(description="connected areas at or above explain.region_threshold, "
+                                                      "strongest first")
+    peak_logit: dict[str, float] = Field(description="per adapter: the strongest region's share of the "
+                                                     "Fake-minus-Real margin, in logits (its map's 1.0; 0: none)")
+    overlay_png_base64: str = Field(description="the model's view of the image with the map over it, PNG")
+
+
+class ExplainAnswer(BaseModel):
+    """The answer /v1/detect (or /v1/ensemble) gives for the image, plus where its evidence is."""
+
+    model_config = ConfigDict(extra="allow")
+    adapter: str
+    label: Label
+    p_fake: float = Field(ge=0, le=1)
+    p_real: float = Field(ge=0, le=1)
+    threshold: float
+    explanation: Explanation
     timing: Timing
 
 
@@ -122,8 +157,9 @@ def error_responses(*statuses: int) -> dict:
 def describe_deployment(schema: dict, adapters: list[str], auth: bool) -> None:
     """What only the running config knows, added to one app's OpenAPI document: the adapter names
     (an enum a generated client can offer) and, with API keys on, the security schemes."""
-    for path, names in (("/v1/detect", adapters), ("/v1/detect/batch", [*adapters, ENSEMBLE])):
-        for param in schema["paths"][path]["post"].get("parameters", []):
+    for path, names in (("/v1/detect", adapters), ("/v1/detect/batch", [*adapters, ENSEMBLE]),
+                        ("/v1/explain", [*adapters, ENSEMBLE])):
+        for param in schema["paths"].get(path, {}).get("post", {}).get("parameters", []):
             if param["name"] == "adapter":
                 param["schema"]["enum"] = names
     if auth:
@@ -150,6 +186,9 @@ ROUTES = {
     "detect_batch": ("POST", "/v1/detect/batch", dict(
         summary="several images; adapter=NAME or ensemble; errors per image",
         responses={200: {"model": BatchAnswer}, **_ERRORS}, openapi_extra=image_body(batch=True))),
+    "explain": ("POST", "/v1/explain", dict(
+        summary="the answer plus a map of where its evidence is (several passes: its own limit and deadline)",
+        responses={200: {"model": ExplainAnswer}, **_ERRORS}, openapi_extra=image_body(batch=False))),
     "models": ("GET", "/v1/models", dict(
         summary="the base, the loaded adapters (versions, thresholds) and the ensemble",
         responses={200: _ANY_JSON, **error_responses(401, 403, 503)})),

@@ -197,7 +197,9 @@ def test_evaluate_job_scores_the_test_split_and_writes_the_report(tmp_path, tiny
     shutil.copytree(adapters["method2"], work / "method2" / adapters["method2"].name)
     argv = _eval_config(tiny_model, {"method1": work / "method1", "method2": work / "method2"}, demo_data, tmp_path,
                         perturbations=["clean", "jpeg_q50", "equalized"], bootstrap=20, calibrate=True,
-                        scorer_cpus=0.5, batch_size=32, group_by=["generator"])
+                        scorer_cpus=0.5, batch_size=32, group_by=["generator"],
+                        explain={"enabled": True, "fakes": 4, "tampered": 4, "random_draws": 1, "overlays": 2,
+                                 "methods": ["occlusion", "input_x_gradient"]})
     report = job.main(argv)
     assert len(reads) == 1
     metrics = json.loads((report.parent / "metrics.json").read_text())
@@ -226,6 +228,19 @@ def test_evaluate_job_scores_the_test_split_and_writes_the_report(tmp_path, tiny
     assert groups["real"]["reals"] == "none" and {g["reals"] for k, g in groups.items() if k != "real"} == {"pooled"}
     doc = report.read_text()
     assert all(f"<td>{family}</td>" in doc for family in groups)  # the per-generator table
+    # the maps: deletion curves on 4 test fakes, localization on 4 tampered rows with masks, both methods
+    ex = metrics["explanations"]
+    assert set(ex["methods"]) == {"method1", "method2"} and ex["unreadable"] == 0
+    for name, methods in ex["methods"].items():
+        assert set(methods) == {"occlusion", "input_x_gradient"}
+        for m in methods.values():
+            f, loc = m["faithfulness"], m["localization"]
+            assert f["n"] == 4 and len(f["p_fake_top"]) == len(f["p_fake_random"]) == len(f["fractions"]) == 5
+            assert f["p_fake_top"][0] == pytest.approx(f["p_fake_random"][0]) and f["at"] == 0.2
+            assert loc["n"] == 4 and 0 <= loc["pixel_auc_mean"] <= 1 and 0 <= loc["iou_mean"] <= 1
+    assert ex["tampered_verdicts"]["method1"]["n"] == 4
+    assert "Explanations: faithfulness and localization" in doc
+    assert all((report.parent / f"explain_tampered_{i}.png").exists() for i in range(4))
 
 
 def _test_counts(demo_data):

@@ -44,10 +44,12 @@ def server(ray_local, tiny_model, adapters, tmp_path_factory):
     with_bad = {"method1": adapters["method1"], "mismatched": adapters["mismatched"]}
     apps = {
         "main": _config(tiny_model, good, ensemble={"weights": {"method1": 3.0, "method2": 1.0}}),
+        # explanations here: a 3 s deadline and integrated gradients of 400 single passes, far longer
         "degrade": _config(tiny_model, with_bad, detector={"on_adapter_error": "skip"},
-                           ensemble={"on_member_failure": "degrade"}),
+                           ensemble={"on_member_failure": "degrade"},
+                           explain={"timeout_s": 3.0, "chunk": 1, "ig_steps": 400, "max_concurrent": 1}),
         "strict": _config(tiny_model, with_bad, detector={"on_adapter_error": "skip"},
-                          ensemble={"on_member_failure": "fail"}),
+                          ensemble={"on_member_failure": "fail"}, explain={"enabled": False}),
         "busy": _config(tiny_model, good, detector={"max_batch_size": 1, "max_ongoing_requests": 1,
                                                    "max_queued_requests": 1},
                         router={"max_in_flight": 4}),
@@ -347,14 +349,15 @@ def test_hostile_images_get_their_documented_status_over_http(server, name):
 
     make, expected = CASES[name]
     data = make()
-    r = requests.post(f"{server}/main/v1/detect?adapter=method1", data=data,
-                      headers={"content-type": "application/octet-stream"}, timeout=60)
-    if len(data) > 2**20:  # this app's 1 MB body cap comes first
-        assert r.status_code == 413, r.text
-    elif expected == "ok":
-        assert r.status_code == 200, r.text
-    else:
-        assert r.status_code in (415, 422) and r.json()["error"]["code"] == expected, r.text
+    for endpoint in ("detect?adapter=method1", "explain?adapter=method1&method=input_x_gradient"):
+        r = requests.post(f"{server}/main/v1/{endpoint}", data=data,
+                          headers={"content-type": "application/octet-stream"}, timeout=60)
+        if len(data) > 2**20:  # this app's 1 MB body cap comes first
+            assert r.status_code == 413, (endpoint, r.text)
+        elif expected == "ok":
+            assert r.status_code == 200, (endpoint, r.text)
+        else:
+            assert r.status_code in (415, 422) and r.json()["error"]["code"] == expected, (endpoint, r.text)
 
 
 def test_one_bad_image_in_a_batch_fails_only_its_own_entry(server):
@@ -437,3 +440,77 @@ def test_sigkill_of_a_model_replica_under_load(server):
         time.sleep(1)
     assert len(_replica_pids("twin")) == 2 and before[0] not in _replica_pids("twin")
     assert requests.get(f"{server}/twin/readyz", timeout=30).status_code == 200
+
+
+# --------------------------------------------------------------------------- /v1/explain
+
+
+def test_explain_answers_what_detect_answers_with_the_librarys_map(server, library):
+    from aigd.config import DecodeLimits, EnsembleConfig, ExplainConfig
+    from aigd.explain import explain
+
+    data = _bytes(_photo(41))
+    image = library.prepare(data, DecodeLimits())
+    detect = _post(f"{server}/main/v1/detect?adapter=method1", data).json()
+    got = _post(f"{server}/main/v1/explain?adapter=method1", data)
+    assert got.status_code == 200, got.text
+    got = got.json()
+    assert got["p_fake"] == pytest.approx(detect["p_fake"], abs=1e-5) and got["label"] == detect["label"]
+    assert got["model"] == detect["model"]
+    mine = explain(library, image, "method1", EnsembleConfig(), ExplainConfig())
+    np.testing.assert_allclose(got["explanation"]["grid"], mine["explanation"]["grid"], atol=2e-3)
+    assert got["explanation"]["method"] == "occlusion" and got["timing"]["model_ms"] > 0
+    ens = _post(f"{server}/main/v1/ensemble", data).json()
+    both = _post(f"{server}/main/v1/explain?method=input_x_gradient", data).json()  # adapter: ensemble
+    assert both["adapter"] == "ensemble" and both["p_fake"] == pytest.approx(ens["p_fake"], abs=1e-5)
+    assert both["explanation"]["method"] == "input_x_gradient" and set(both["explanation"]["peak_logit"]) == {
+        "method1", "method2"}
+    overlay = Image.open(io.BytesIO(base64.b64decode(both["explanation"]["overlay_png_base64"])))
+    assert overlay.format == "PNG"
+    doc = requests.get(f"{server}/main/openapi.json", timeout=30).json()
+    params = {p["name"]: p for p in doc["paths"]["/v1/explain"]["post"]["parameters"]}
+    assert params["adapter"]["schema"]["enum"] == ["method1", "method2", "ensemble"]
+
+
+def test_explain_refuses_what_detect_refuses_and_can_be_turned_off(server):
+    jpeg = _bytes(_photo(2), "JPEG", quality=90)
+    for data in (jpeg[: len(jpeg) // 2], b"\x00" * 300, _bytes(_photo(4, size=(12, 12)))):
+        a = _post(f"{server}/main/v1/detect?adapter=method1", data)
+        b = _post(f"{server}/main/v1/explain?adapter=method1", data)
+        assert (a.status_code, a.json()["error"]["code"]) == (b.status_code, b.json()["error"]["code"])
+    for query, status, code in (("adapter=nope", 404, "unknown_adapter"), ("method=saliency", 400, "bad_request")):
+        r = _post(f"{server}/main/v1/explain?{query}", jpeg)
+        assert (r.status_code, r.json()["error"]["code"]) == (status, code), r.text
+    off = _post(f"{server}/strict/v1/explain?adapter=method1", jpeg)
+    assert off.status_code == 404 and off.json()["error"]["code"] == "not_found"
+    assert "turned off" in off.json()["error"]["message"]
+    assert "/v1/explain" not in requests.get(f"{server}/strict/openapi.json", timeout=30).json()["paths"]
+
+
+def test_explain_deadline_and_concurrency_never_block_scoring(server):
+    """An explanation past its deadline is a 503 and stops; one more than explain.max_concurrent is a
+    503 at once; /v1/detect answers all along, and the replica explains again afterwards."""
+    import time
+
+    data = _bytes(_photo(42))
+    url = f"{server}/degrade/v1/explain?adapter=method1&method=integrated_gradients"
+    ready = requests.get(f"{server}/degrade/readyz", timeout=30).json()
+    with ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(_post, url, data)
+        time.sleep(0.8)
+        second = _post(url, data)
+        detects = []
+        while not slow.done():
+            t0 = time.perf_counter()
+            r = _post(f"{server}/degrade/v1/detect?adapter=method1", data)
+            detects.append((r.status_code, time.perf_counter() - t0))
+        slow = slow.result()
+    assert (slow.status_code, slow.json()["error"]["code"]) == (503, "deadline_exceeded"), slow.text
+    assert slow.headers["Retry-After"] == "1"
+    assert (second.status_code, second.json()["error"]["code"]) == (503, "overloaded"), second.text
+    assert len(detects) >= 3 and all(s == 200 for s, _ in detects), detects
+    assert max(t for _, t in detects) < 1.5, detects  # never waited for the whole explanation
+    time.sleep(0.5)  # the replica's thread stops at its next pass
+    again = _post(f"{server}/degrade/v1/explain?adapter=method1&method=input_x_gradient", data)
+    assert again.status_code == 200, again.text
+    assert requests.get(f"{server}/degrade/readyz", timeout=30).json()["replica"] == ready["replica"]

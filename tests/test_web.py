@@ -111,6 +111,36 @@ def _score_in_page(page, ui: str, image: Path, expect: str) -> str:
     return page.inner_text("#score-verdict")
 
 
+def test_score_tab_draws_the_apis_evidence_map_beside_the_verdict(ui, api, browser, tmp_path):
+    """With the toggle on, the page shows the API's overlay PNG itself (pixel for pixel) and the verdict
+    of the same answer."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    image = tmp_path / "photo.png"
+    image.write_bytes(_bytes(_photo(35)))
+    truth = requests.post(f"{api}/v1/explain", files={"image": ("photo.png", image.read_bytes())}, timeout=120).json()
+    page, blocked = _offline_page(browser)
+    page.goto(ui, wait_until="domcontentloaded")
+    page.locator("#score-image input[type=file]").set_input_files(str(image))
+    page.locator("#score-image img").wait_for(timeout=30_000)
+    page.locator("#score-explain input[type=checkbox]").check()
+    page.click("#score-button")
+    page.wait_for_selector("#score-verdict :text('Evidence')", timeout=120_000)
+    verdict = page.inner_text("#score-verdict")
+    assert f"Verdict: {truth['label'].upper()}" in verdict
+    assert _float(verdict.split("P(fake)")[1]) == pytest.approx(truth["p_fake"], abs=5e-4)
+    shown = page.locator("#score-overlay img")
+    shown.wait_for(timeout=30_000)
+    png = page.request.get(requests.compat.urljoin(ui + "/", shown.get_attribute("src"))).body()
+    expected = Image.open(io.BytesIO(base64.b64decode(truth["explanation"]["overlay_png_base64"])))
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), np.asarray(expected.convert("RGB")))
+    page.screenshot(path=str(tmp_path / "ui-explain.png"), full_page=True)
+    assert not blocked, blocked
+
+
 def test_score_tab_shows_the_apis_answer_and_its_errors(ui, api, browser, tmp_path):
     image = tmp_path / "photo.png"
     image.write_bytes(_bytes(_photo(31)))
@@ -215,6 +245,12 @@ def test_the_readmes_api_examples_run(api, tmp_path):
         out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=60)
         body = __import__("json").loads(out.stdout)
         assert "p_fake" in body or len(body["results"]) == 2, (line, out.stdout[:300])
+    evidence = _readme_section("Where the evidence is").split("```bash", 1)[1].split("```", 1)[0]
+    for line in [x for x in evidence.splitlines() if x.startswith("curl")]:
+        cmd = line.split("  #")[0].replace("http://127.0.0.1:8000", api).replace("@photo.jpg", f"@{photo}")
+        out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
+        body = __import__("json").loads(out.stdout)
+        assert body["explanation"]["grid"] and 0 <= body["p_fake"] <= 1, (line, out.stdout[:300])
     code = section.split("<!-- example:python -->\n```python\n", 1)[1].split("```", 1)[0]
     code = code.replace('"http://127.0.0.1:8000"', repr(api)).replace('"photo.jpg"', repr(str(photo)))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from aigd import cli_lifecycle
+from aigd import cli_explain, cli_lifecycle
 from aigd import config as C
 from aigd.errors import AigdError
 
@@ -27,6 +27,7 @@ EXAMPLES = {
     "score-batch": ["aigd score-batch --config configs/eval_demo.yaml --input FOLDER_OR_PARQUET --out scores.parquet",
                     "aigd score-batch --config configs/eval_demo.yaml --input FOLDER --out scores.jsonl "
                     "--batch-size 8"],
+    **cli_explain.EXAMPLES,
     **cli_lifecycle.EXAMPLES,
 }
 
@@ -204,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("overrides", nargs="*", help=OVERRIDES)
     _add_score(sub)
     _add_score_batch(sub)
+    cli_explain.add_command(sub, _subcommand)
     cli_lifecycle.add_commands(sub, _subcommand)
     return ap
 

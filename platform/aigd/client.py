@@ -48,6 +48,11 @@ class Client:
             return self._post("/v1/ensemble", [(name, data)])
         return self._post("/v1/detect", [(name, data)], {"adapter": adapter})
 
+    def explain(self, name: str, data: bytes, adapter: str | None = None, method: str | None = None) -> dict:
+        """The answer plus its map (`explanation`), from one adapter or the ensemble (None)."""
+        params = {"adapter": adapter or "ensemble", **({"method": method} if method else {})}
+        return self._post("/v1/explain", [(name, data)], params)
+
     def batch(self, items: list[tuple[str, bytes]]) -> dict:
         """The ensemble's answer per image, each image its own answer or error."""
         return self._post("/v1/detect/batch", items, {"adapter": "ensemble"})

@@ -337,6 +337,65 @@ class ServingVersions:
     shadow: dict[str, ShadowConfig] = field(default_factory=dict)  # adapter name -> candidate in shadow
 
 
+EXPLAIN_METHODS = ("occlusion", "input_x_gradient", "integrated_gradients")
+
+
+@dataclass(frozen=True)
+class ExplainConfig:
+    """How a map of where the evidence is gets made (aigd.explain): /v1/explain, `aigd explain`."""
+
+    enabled: bool = True  # false: /v1/explain answers a JSON 404
+    # occlusion: each region replaced by the mean colour, batched (model-agnostic, the faithfulness reference);
+    # input_x_gradient: gradient x input of the patches (one forward + one backward); integrated_gradients: Captum's
+    # integral from the mean-colour image (ig_steps forwards + backwards).
+    method: Literal["occlusion", "input_x_gradient", "integrated_gradients"] = "occlusion"
+    # What a region becomes when its evidence is removed: blur (the image under a Gaussian blur: the scene kept, the
+    # fine texture where generators leave traces gone) or mean (the image's mean colour). Occlusion fills with it, the
+    # gradient methods start from it, the evaluation's deletion curves fill with it.
+    baseline: Literal["blur", "mean"] = "blur"
+    blur_sigma: float = 1.0  # baseline blur: the Gaussian's sigma in pixels of the model's view
+    occlusion_regions: int = 12  # occlusion: at most this many regions per side, each a block of 28-px tokens
+    ig_steps: int = 8  # integrated_gradients: points on the path from the mean-colour image
+    # Copies of the image (occluded or on the path) per forward pass; the scoring lock is released between
+    # passes, so /v1/detect batches wait behind one pass at most.
+    chunk: int = 4
+    max_concurrent: int = 1  # explanations running at once per model replica; one more gets a 503
+    timeout_s: float = 60.0  # seconds for an explanation once admitted (decode + every pass); then a 503
+    region_threshold: float = 0.5  # region_boxes: connected areas of the map at or above this (the map peaks at 1)
+    max_boxes: int = 5  # region_boxes: the strongest this many
+
+    def validate(self) -> None:
+        if min(self.occlusion_regions, self.ig_steps, self.chunk, self.max_concurrent, self.max_boxes) < 1:
+            raise ConfigError("explain: occlusion_regions, ig_steps, chunk, max_concurrent and max_boxes must be >= 1")
+        if self.timeout_s <= 0 or self.blur_sigma <= 0 or not 0 < self.region_threshold <= 1:
+            raise ConfigError("explain: timeout_s and blur_sigma must be > 0, region_threshold in (0, 1]")
+
+
+@dataclass(frozen=True)
+class ExplainEvalConfig(ExplainConfig):
+    """jobs/evaluate.py: are the maps faithful (deletion curves on test fakes) and do they find the
+    pasted region of tampered rows (label 2, with masks, never trained on)?"""
+
+    enabled: bool = False  # true: the job also measures the maps (slower: several passes per image)
+    methods: list[str] = field(default_factory=lambda: ["occlusion", "input_x_gradient"])  # each one measured
+    fakes: int = 32  # test-split fakes for the deletion curves, a fixed subset (hash of img_id)
+    tampered: int = 40  # tampered rows with a mask for localization, a fixed subset; 0: none
+    fractions: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.5])  # shares of regions removed
+    random_draws: int = 3  # random orders averaged for the random-deletion curve
+    iou_threshold: float = 0.5  # the map (peak 1) at or above this is the predicted region for IoU
+    overlays: int = 4  # tampered rows drawn in the report, map beside mask
+
+    def validate(self) -> None:
+        super().validate()
+        bad = [m for m in self.methods if m not in EXPLAIN_METHODS]
+        if bad or not self.methods:
+            raise ConfigError(f"explain.methods {bad or 'empty'}: known are {list(EXPLAIN_METHODS)}")
+        if 0.0 not in self.fractions or any(not 0 <= f < 1 for f in self.fractions):
+            raise ConfigError("explain.fractions must include 0.0 and lie in [0, 1)")
+        if self.fakes < 1 or self.tampered < 0 or self.random_draws < 1:
+            raise ConfigError("explain: fakes and random_draws must be >= 1, tampered >= 0")
+
+
 @dataclass(frozen=True)
 class ServeConfig(ScoringConfig):
     limits: DecodeLimits = field(default_factory=DecodeLimits)  # The API answers a refused image with a 422.
@@ -345,6 +404,7 @@ class ServeConfig(ScoringConfig):
     detector: DetectorDeploymentConfig = field(default_factory=DetectorDeploymentConfig)
     router: RouterDeploymentConfig = field(default_factory=RouterDeploymentConfig)  # the HTTP (FastAPI) replicas
     retry_after_s: int = 1  # seconds in the Retry-After header of every 503 answer
+    explain: ExplainConfig = field(default_factory=ExplainConfig)  # /v1/explain: maps of where the evidence is
 
 
 @dataclass(frozen=True)
@@ -405,6 +465,7 @@ class EvalConfig(ScoringConfig):
     scorers: int = 1  # actors holding a model copy (a Scorer: base + every adapter)
     scorer_cpus: float = 1.0  # CPUs each scoring actor reserves
     scorer_gpus: float = 0.0  # GPUs each scoring actor reserves; 0: it scores on CPU
+    explain: ExplainEvalConfig = field(default_factory=ExplainEvalConfig)  # faithfulness + localization of the maps
     out_dir: str = "${AIGD_HOME:-~/.cache/aigd}/eval"  # folder of the report, metrics.json and predictions.parquet
 
     def validate(self) -> None:

@@ -127,3 +127,14 @@ def error_body(exc: BaseException) -> dict:
     if isinstance(exc, AigdError):
         return {"error": {"code": exc.code, "message": str(exc)}}
     return {"error": {"code": "internal", "message": "internal error"}}
+
+
+def from_body(body: dict) -> AigdError:
+    """The error an error body names, to raise again where it was carried (a model replica's
+    answer read by the router): same code, same message, so the same status."""
+    err = body["error"]
+    known = [AigdError]
+    for cls in known:
+        known += [c for c in cls.__subclasses__() if c not in known]
+    cls = next((c for c in known if c.code == err["code"]), AigdError)
+    return cls(err["message"])

@@ -234,7 +234,9 @@ def _json_block(obj) -> str:
     return html.escape(json.dumps(_rounded(obj), indent=2))
 
 
-def write_report(scores: dict, summary: dict, cfg: EvalConfig, extra: dict, out: Path) -> Path:
+def write_report(scores: dict, summary: dict, cfg: EvalConfig, extra: dict, out: Path,
+                 sections: tuple[str, ...] = ()) -> Path:
+    """The report folder; `sections` are HTML blocks placed after the plots (the explanations')."""
     out.mkdir(parents=True, exist_ok=True)
     robustness_image = _robustness_plot(summary, cfg, out)
     groups = _groups_section(summary, out)
@@ -263,6 +265,7 @@ Adapters: {html.escape(", ".join(f"{k} ({v})" for k, v in cfg.adapters.items()))
 <p><img src="{robustness_image}" alt="{robustness_image}"></p>
 {groups}
 {"".join(f'<p><img src="{f}" alt="{f}"></p>' for f in images)}
+{"".join(sections)}
 <h2>Shortcut audit: per-class image statistics</h2><pre>{_json_block(extra.get("shortcut_audit", {}))}</pre>
 <p>If AUC collapses on <code>equalized</code> (square center crop, everything re-encoded as JPEG q95),
 the detector was reading aspect ratio or file format rather than the image.</p>

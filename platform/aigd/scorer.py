@@ -13,6 +13,7 @@ version and names it. A shadow version of a member is scored only when asked (`s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from dataclasses import dataclass
@@ -152,18 +153,33 @@ class Scorer:
 
     # ---- scores
 
-    @torch.inference_mode()
     def member_logits(self, images: list[np.ndarray], adapter: str, shadow: bool = False) -> tuple[np.ndarray, Member]:
         """(N, 2) [Real, Fake] logits of prepared images under one adapter (one forward pass), and
         the version that gave them."""
+        return self.batch_logits(model_batch(self.processor, images, self.policy), adapter, shadow)
+
+    @torch.inference_mode()
+    def batch_logits(self, batch: dict, adapter: str, shadow: bool = False) -> tuple[np.ndarray, Member]:
+        """`member_logits` of a batch already encoded (`batching.model_batch`)."""
         self.member(adapter)
-        batch = model_batch(self.processor, images, self.policy)
         # Picking the version, selecting it and the forward are one step: concurrent batches never
         # mix adapters, and a switch lands between forwards.
-        with self._lock, autocast(self.cfg.model, self.device, self.backend):
+        with self._lock:
             m = self.shadows[adapter] if shadow else self.member(adapter)
-            self.model.set_adapter(m.peft_name, inference_mode=True)
-            return pair_logits(answer_logits(self.model, batch), self.label_ids).float().cpu().numpy(), m
+            with self.using(m, locked=True) as model:
+                return pair_logits(answer_logits(model, batch), self.label_ids).float().cpu().numpy(), m
+
+    @contextlib.contextmanager
+    def using(self, member: Member, locked: bool = False):
+        """The model with `member`'s version selected, for one forward pass under the scoring lock
+        (`locked`: the caller holds it). A version switched out since it was picked is refused:
+        an answer never mixes two versions."""
+        with contextlib.nullcontext() if locked else self._lock, autocast(self.cfg.model, self.device, self.backend):
+            if not any(m is member for m in (*self.members.values(), *self.shadows.values())):
+                raise AdapterUnavailable(f"adapter {member.name}: version {member.version.version} was switched out "
+                                         "during the request; retry")
+            self.model.set_adapter(member.peft_name, inference_mode=True)
+            yield self.model
 
     def pair_logits(self, images: list[np.ndarray], adapter: str) -> np.ndarray:
         return self.member_logits(images, adapter)[0]

@@ -188,8 +188,9 @@ def row_blocks(rows: pa.Table, rows_per_block: int) -> list[pa.Table]:
             for s in range(a, e, rows_per_block)]
 
 
-def _parquet_images(path: str, shard: str, row_idx) -> tuple[list, list]:
-    """(img_id, image) of the given rows of one shard, reading only the row groups that hold them."""
+def _parquet_columns(path: str, shard: str, row_idx, columns: list[str]) -> dict[str, list]:
+    """The given columns of the given rows of one shard (None for a column it lacks), reading only
+    the row groups that hold them."""
     fs = _filesystem(path)[0]
     with fs.open_input_file(shard) as fh:
         pf = pq.ParquetFile(fh)
@@ -199,28 +200,36 @@ def _parquet_images(path: str, shard: str, row_idx) -> tuple[list, list]:
         wanted = np.unique(group)
         before = np.concatenate([[0], np.cumsum([sizes[g] for g in wanted])])  # offsets in the read table
         pos = before[np.searchsorted(wanted, group)] + (row_idx - starts[group])
-        part = pf.read_row_groups(wanted.tolist(), columns=["img_id", "image"]).take(pa.array(pos))
-    return part.column("img_id").to_pylist(), part.column("image").to_pylist()
+        stored = [c for c in columns if c in pf.schema_arrow.names]
+        part = pf.read_row_groups(wanted.tolist(), columns=stored).take(pa.array(pos))
+    return {c: part.column(c).to_pylist() if c in stored else [None] * len(row_idx) for c in columns}
 
 
-def with_images(cfg: DataConfig, files: list[str], rows: pa.Table) -> pa.Table:
-    """A block from row_blocks plus its `image` column (bytes structs, bytes, or file paths)."""
+def with_images(cfg: DataConfig, files: list[str], rows: pa.Table, columns: tuple[str, ...] = ("image",)) -> pa.Table:
+    """A block from row_blocks plus its `image` column (bytes structs, bytes, or file paths), and
+    any other stored column asked for (`mask`: None where a source holds none)."""
     ids = rows.column("img_id").to_pylist()
     if not ids:
-        return rows.append_column("image", pa.array([], pa.binary()))
+        for c in columns:
+            rows = rows.append_column(c, pa.array([], pa.binary()))
+        return rows
     shard = files[rows.column("_file")[0].as_py()]
     row_idx = rows.column("_row").to_numpy()
     if cfg.source == "sid_parquet":
-        found, images = _parquet_images(cfg.path, shard, row_idx)
+        got = _parquet_columns(cfg.path, shard, row_idx, ["img_id", *columns])
     elif cfg.source == "hf_disk":
-        part = hf_disk_table(shard).select(["img_id", "image"]).take(pa.array(row_idx))
-        found, images = part.column("img_id").to_pylist(), part.column("image").to_pylist()
+        table = hf_disk_table(shard)
+        got = {c: table.column(c).take(pa.array(row_idx)).to_pylist() if c in table.column_names else [None] * len(ids)
+               for c in ["img_id", *columns]}
     else:
-        found, images = ids, [str(Path(shard) / i) for i in ids]
+        got = {"img_id": ids, **{c: [None] * len(ids) for c in columns}, "image": [str(Path(shard) / i) for i in ids]}
+    found = got["img_id"]
     if [str(x) for x in found] != [str(x) for x in ids]:
         raise DataError(f"{shard} changed after its rows were planned (img_id {found[0]!r} where {ids[0]!r} "
                         f"was expected): rerun the job")
-    return rows.append_column("image", pa.array(images))
+    for c in columns:
+        rows = rows.append_column(c, pa.array(got[c]))
+    return rows
 
 
 def image_bytes(col) -> list:

@@ -9,12 +9,14 @@ none of torch, Ray or the model. Only this module, `aigd.client` and `aigd/__ini
 there.
 
 Tabs: Score (one image: each adapter's P(fake) and label, the ensemble's verdict with its threshold
-and uncertain band, versions, latency), Stability (the same image re-compressed and downscaled,
-scored in one batch call: does the verdict flip?), Batch (several files -> a table and a CSV).
+and uncertain band, versions, latency; on request, the API's map of where the evidence is beside
+it), Stability (the same image re-compressed and downscaled, scored in one batch call: does the
+verdict flip?), Batch (several files -> a table and a CSV).
 """
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import os
@@ -44,6 +46,22 @@ def verdict_markdown(answer: dict, latency_ms: float) -> str:
             f"uncertain band {_band(answer)} · members {', '.join(answer['members_used'])}{degraded}  \n"
             f"Latency {latency_ms:.0f} ms round trip (model {answer['timing']['model_ms']:.0f} ms, "
             f"decode {answer['timing']['decode_ms']:.0f} ms)")
+
+
+def evidence_markdown(explanation: dict) -> str:
+    boxes = explanation["region_boxes"]
+    if not boxes:
+        return f"**Evidence** ({explanation['method']}): no region pushes the answer towards fake."
+    b = boxes[0]
+    return (f"**Evidence** ({explanation['method']}): strongest region x {100 * b['x']:.0f}-{100 * (b['x'] + b['w']):.0f} %,"
+            f" y {100 * b['y']:.0f}-{100 * (b['y'] + b['h']):.0f} % of the image; {len(boxes)} region(s) outlined")
+
+
+def overlay_file(answer: dict) -> str:
+    """The API's overlay PNG, byte for byte, as a file the page shows."""
+    out = Path(tempfile.mkdtemp(prefix="aigd-ui-")) / "evidence.png"
+    out.write_bytes(base64.b64decode(answer["explanation"]["overlay_png_base64"]))
+    return str(out)
 
 
 def member_rows(answer: dict) -> list[list]:
@@ -87,15 +105,19 @@ def batch_table(names: list[str], answer: dict, members: list[str]) -> list[list
 def build(client: Client, members: list[str]):
     import gradio as gr
 
-    def score(path):
+    def score(path, explain):
         if not path:
-            return "Upload an image first.", []
+            return "Upload an image first.", [], None
         t0 = time.perf_counter()
         try:
-            answer = client.score(Path(path).name, Path(path).read_bytes())
+            call = client.explain if explain else client.score
+            answer = call(Path(path).name, Path(path).read_bytes())
         except ApiError as e:
-            return f"**{e}**", []
-        return verdict_markdown(answer, (time.perf_counter() - t0) * 1000), member_rows(answer)
+            return f"**{e}**", [], None
+        text = verdict_markdown(answer, (time.perf_counter() - t0) * 1000)
+        if not explain:
+            return text, member_rows(answer), None
+        return text + "  \n" + evidence_markdown(answer["explanation"]), member_rows(answer), overlay_file(answer)
 
     def stability(path):
         if not path:
@@ -137,10 +159,15 @@ def build(client: Client, members: list[str]):
         with gr.Tab("Score"):
             image = gr.Image(type="filepath", label="Image (upload, paste or drop)", sources=["upload", "clipboard"],
                              elem_id="score-image")
+            explain = gr.Checkbox(label="Show where the evidence is (slower: several passes of the model)",
+                                  elem_id="score-explain")
             go = gr.Button("Score", variant="primary", elem_id="score-button")
-            verdict = gr.Markdown(elem_id="score-verdict")
+            with gr.Row():
+                verdict = gr.Markdown(elem_id="score-verdict")
+                overlay = gr.Image(type="filepath", format="png", label="Where the evidence for fake is (the "
+                                   "model's view; brighter = more)", interactive=False, elem_id="score-overlay")
             table = gr.Dataframe(headers=MEMBER_COLUMNS, label="Per adapter", elem_id="score-members")
-            go.click(score, image, [verdict, table])
+            go.click(score, [image, explain], [verdict, table, overlay])
         with gr.Tab("Stability"):
             s_image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"], elem_id="stab-image")
             s_go = gr.Button("Score the re-compressed copies", variant="primary", elem_id="stab-button")

@@ -74,7 +74,7 @@ def in_process(tiny: Path, found: dict, n_images: int, reps: int) -> dict:
     return out
 
 
-def served(tiny: Path, found: dict, clients: int, seconds: float) -> dict:
+def served(tiny: Path, found: dict, clients: int, seconds: float, chunk: int | None) -> dict:
     import ray
     import requests
     from ray import serve
@@ -90,7 +90,8 @@ def served(tiny: Path, found: dict, clients: int, seconds: float) -> dict:
         url = deploy(f"http://{ctx.dashboard_url}", free_port(), {
             "model": {"name_or_path": str(tiny), "load_in_4bit": False}, "image": SMALL_POLICY,
             "adapters": {k: str(v) for k, v in found.items()}, "limits": {"min_side": 28, "max_aspect": 50.0},
-            "detector": {"num_cpus": 0.1, "max_batch_size": 8}, "router": {"num_cpus": 0.05}})
+            "detector": {"num_cpus": 0.1, "max_batch_size": 8}, "router": {"num_cpus": 0.05},
+            "explain": {} if chunk is None else {"chunk": chunk}})
         data = image_bytes(photo(1))
         stop, explained = threading.Event(), []
 
@@ -110,7 +111,7 @@ def served(tiny: Path, found: dict, clients: int, seconds: float) -> dict:
             worker.join()
             t1 = time.monotonic()
         alone, beside = load.between(0, t0), load.between(t0, t1)
-        return {"clients": clients, "detect_alone": len(alone), "detect_beside": len(beside),
+        return {"clients": clients, "chunk": chunk or "default", "detect_alone": len(alone), "detect_beside": len(beside),
                 "failed": sum(a.status != 200 for a in load.answers) + sum(s != 200 for s, _ in explained),
                 "explanations": len(explained),
                 "explain_median_ms": round(statistics.median(t for _, t in explained) * 1000, 1) if explained else None,
@@ -134,15 +135,19 @@ def main(argv=None) -> None:
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--chunk", type=int, default=None, help="part 2: the app's explain.chunk (default: the config's)")
     ap.add_argument("--skip-serve", action="store_true", help="part 1 only")
+    ap.add_argument("--skip-cost", action="store_true", help="part 2 only")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
     with tempfile.TemporaryDirectory() as tmp:
         tiny, found = adapters(Path(tmp) / "adapters")
-        cost = [in_process(tiny, found, args.images, args.reps) for _ in range(args.runs)]
-        load = [] if args.skip_serve else [served(tiny, found, args.clients, args.seconds) for _ in range(args.runs)]
-    _table("Explanation latency, one image (tiny model, CPU)", cost, {"input_x_gradient_x_detect": "<= 5"})
+        cost = [] if args.skip_cost else [in_process(tiny, found, args.images, args.reps) for _ in range(args.runs)]
+        load = [] if args.skip_serve else [served(tiny, found, args.clients, args.seconds, args.chunk)
+                                           for _ in range(args.runs)]
+    if cost:
+        _table("Explanation latency, one image (tiny model, CPU)", cost, {"input_x_gradient_x_detect": "<= 5"})
     if load:
         _table("/v1/detect with explanations in flight (local Serve app)", load, {"failed": "0", "p99_ratio": "<= 2"})
     if args.json:

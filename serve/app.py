@@ -205,19 +205,23 @@ class Router:
 
     async def explain(self, request: Request,
                       adapter: str = Query(ENSEMBLE, description="adapter name, or ensemble (its members' maps, "
-                                                                 "weighted as their P(fake))"),
+                                                                 "weighted by ensemble.weights)"),
                       method: Optional[Literal[C.EXPLAIN_METHODS]] = Query(None, description="default: explain.method")):
+        if not self.cfg.explain.enabled:  # before the body is read
+            async def off(_: bytes):
+                raise NotFound("explanations are turned off in this deployment (explain.enabled: false)")
+
+            return await self._answer(request, "explain", adapter, off, body=False)
+
         async def work(body: bytes):
             t0 = time.perf_counter()
-            if not self.cfg.explain.enabled:
-                raise NotFound("explanations are turned off in this deployment (explain.enabled: false)")
             if adapter != ENSEMBLE:
                 self._check_adapter(adapter)
             data = (await image_payloads(request, body, 1, self._cpu))[0]
             pixels = await self._cpu(prepare, data, self.cfg.limits, self.policy)
             t1 = time.perf_counter()
-            out = await self._replica("explain", pixels, adapter, method,
-                                      self.cfg.explain.timeout_s - (t1 - t0))
+            deadline = time.time() + self.cfg.explain.timeout_s - (t1 - t0)  # wall-clock: the replica's too
+            out = await self._replica("explain", pixels, adapter, method, deadline)
             if "error" in out:
                 raise from_body(out)
             self.verdicts.inc(tags={"adapter": adapter, "label": out["answer"]["label"]})

@@ -9,6 +9,7 @@ candidates in shadow; Serve calls `reconfigure` on every running replica when it
 import asyncio
 import logging
 import random
+import threading
 import time
 
 import numpy as np
@@ -44,7 +45,9 @@ class Detector:
                                      boundaries=BATCH_SIZES)
         self.shadow = ShadowScoring(self.scorer)
         self.refused: dict[str, dict] = {}  # adapter -> the version a reconfigure could not load, and why
-        self.explaining = 0
+        self.ensemble_members = list(self.cfg.ensemble.members or self.cfg.adapters)  # as the router's
+        self.explaining = 0  # explanation threads running
+        self._explain_slots = threading.Lock()
 
     async def reconfigure(self, user_config: dict) -> None:
         """Switch adapters to the named versions and set the shadows. A version that fails to load
@@ -105,30 +108,44 @@ class Detector:
             return error_body(err)
         return value
 
-    async def explain(self, image: np.ndarray, adapter: str, method: str | None, budget_s: float) -> dict:
-        """An answer with its map (aigd.explain), or an error body: at most explain.max_concurrent at
-        once on this replica, and no pass starts once `budget_s` has passed."""
-        from aigd.explain import explain
+    async def explain(self, image: np.ndarray, adapter: str, method: str | None, deadline: float) -> dict:
+        """An answer with its map (aigd.explain), or an error body. At most explain.max_concurrent run
+        on this replica: a slot is freed when the explanation's thread ends, not when its request
+        does, and a cancelled request's thread stops before its next pass. `deadline` is wall-clock
+        (time.time()), the router's own."""
+        from aigd.explain import Budget, explain
 
-        if self.explaining >= self.cfg.explain.max_concurrent:
-            return error_body(Overloaded(f"this replica is already making {self.explaining} explanation(s) "
-                                         "(explain.max_concurrent); retry later"))
-        self.explaining += 1
+        with self._explain_slots:
+            if self.explaining >= self.cfg.explain.max_concurrent:
+                return error_body(Overloaded(f"this replica is already making {self.explaining} explanation(s) "
+                                             "(explain.max_concurrent); retry later"))
+            self.explaining += 1
+        budget = Budget(time.monotonic() + (deadline - time.time()))
+
+        def run() -> dict:
+            try:
+                return explain(self.scorer, image, adapter, self.ensemble_members, self.cfg.ensemble,
+                               self.cfg.explain, method, budget)
+            finally:
+                with self._explain_slots:
+                    self.explaining -= 1
+
         t0 = time.perf_counter()
         try:
-            answer = await asyncio.to_thread(explain, self.scorer, image, adapter, self.cfg.ensemble, self.cfg.explain,
-                                             method, time.monotonic() + budget_s)
+            answer = await asyncio.to_thread(run)
+        except asyncio.CancelledError:  # the client left or the router's deadline passed
+            budget.stop.set()
+            raise
         except AigdError as e:
             return error_body(e)
         except Exception:  # noqa: BLE001 - logged here; the client gets a 503, the replica lives on
             log.exception("explanation with %s failed", adapter)
             return error_body(AdapterUnavailable(f"explanation with {adapter} failed"))
-        finally:
-            self.explaining -= 1
         return {"answer": answer, "replica": self.replica, "explain_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
     def info(self) -> dict:
-        return {**self.scorer.describe(), "replica": self.replica, "refused_versions": self.refused}
+        return {**self.scorer.describe(), "replica": self.replica, "refused_versions": self.refused,
+                "explanations_running": self.explaining}
 
     def check_health(self) -> None:
         if self.failed_batches >= UNHEALTHY_AFTER:

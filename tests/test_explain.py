@@ -17,7 +17,7 @@ from PIL import Image, ImageFilter
 from aigd import config as C
 from aigd.batching import model_batch, normalize_pixels
 from aigd.errors import AdapterUnavailable, DeadlineExceeded
-from aigd.explain import Margin, attribute, explain, normalized, overlay_png, region_boxes, region_ids, token_shape
+from aigd.explain import Budget, Margin, attribute, explain, normalized, overlay_png, region_boxes, region_ids, token_shape
 from aigd.explain_eval import deletion, filled, localization, mask_view
 from conftest import SERVE_POLICY, make_adapter
 from helpers import image_bytes, photo
@@ -80,14 +80,14 @@ def test_occlusion_is_the_margin_lost_when_a_region_becomes_the_baseline(scorer,
     assert np.unique(a.scores[regions == 0]).size == 1  # one value per region
 
 
-def test_input_x_gradient_equals_autograd_and_integrated_gradients_is_complete(scorer, image):
+def test_input_x_gradient_equals_autograd_and_integrated_gradients_batches_its_path_exactly(scorer, image):
     def patches(img):
         batch = model_batch(scorer.processor, [img], scorer.policy)
         return batch, normalize_pixels(batch["pixel_values"], batch["pixel_affine"])[None]
 
     batch, x = patches(image)
     x.requires_grad_()
-    margin = Margin(scorer, scorer.member("method2"), batch, torch.zeros(1), None)(x)[0]
+    margin = Margin(scorer, scorer.member("method2"), batch, torch.zeros(1))(x)[0]
     (grad,) = torch.autograd.grad(margin, x)
     deviation = x.detach() - patches(_baseline(image, C.ExplainConfig()))[1]
     expected = (grad * deviation)[0].sum(-1).reshape(-1, 4).sum(1).numpy().reshape(token_shape(image))
@@ -101,15 +101,16 @@ def test_input_x_gradient_equals_autograd_and_integrated_gradients_is_complete(s
 
 
 def test_the_answer_beside_the_map_is_the_scoring_answer(scorer, image):
-    ens = scorer.cfg.ensemble
-    one = explain(scorer, image, "method1", ens, C.ExplainConfig())
+    ens, members = scorer.cfg.ensemble, ["method1", "method2"]
+    one = explain(scorer, image, "method1", members, ens, C.ExplainConfig())
     assert one["p_fake"] == pytest.approx(float(scorer.p_fake([image], "method1")[0]), abs=1e-5)
     assert one["label"] == scorer.answers([image], C.EnsembleConfig(members=["method1"]))[0]["label"]
-    both = explain(scorer, image, "ensemble", ens, C.ExplainConfig())
+    both = explain(scorer, image, "ensemble", members, ens, C.ExplainConfig())
+    assert both["adapter"] == "ensemble" and not both["degraded"]
     assert both["p_fake"] == pytest.approx(scorer.answers([image], ens)[0]["p_fake"], abs=1e-5)
     assert set(both["members"]) == {"method1", "method2"}
     # the ensemble's map: its members' maps weighted 3:1, peaking at 1
-    m2 = explain(scorer, image, "method2", ens, C.ExplainConfig())
+    m2 = explain(scorer, image, "method2", members, ens, C.ExplainConfig())
     mix = 3 * np.asarray(one["explanation"]["grid"]) + np.asarray(m2["explanation"]["grid"])
     np.testing.assert_allclose(both["explanation"]["grid"], mix / mix.max(), atol=2e-3)
     e = both["explanation"]
@@ -122,33 +123,71 @@ def test_the_answer_beside_the_map_is_the_scoring_answer(scorer, image):
         assert 0 <= b["x"] < b["x"] + b["w"] <= 1 and 0 <= b["y"] < b["y"] + b["h"] <= 1 and b["score"] >= 0.5
 
 
-def test_a_passed_deadline_stops_before_a_pass_and_frees_the_lock(scorer, image):
-    with pytest.raises(DeadlineExceeded):
-        attribute(scorer, image, "method1", "occlusion", C.ExplainConfig(), deadline=time.monotonic() - 1)
-    assert scorer._lock.acquire(blocking=False)
+def test_an_ensemble_member_that_is_not_loaded_follows_the_ensembles_policy(tiny_model, adapters, image):
+    from aigd.errors import MemberFailed
+    from aigd.scorer import Scorer
+
+    s = Scorer(C.ScoringConfig(model=C.ModelConfig(name_or_path=str(tiny_model), load_in_4bit=False),
+                               image=C.ImagePolicy(**SERVE_POLICY),
+                               adapters={k: str(adapters[k]) for k in ("method1", "mismatched")}),
+               on_adapter_error="skip")
+    members = ["method1", "mismatched"]
+    with pytest.raises(MemberFailed, match="mismatched"):
+        explain(s, image, "ensemble", members, C.EnsembleConfig(on_member_failure="fail"), C.ExplainConfig())
+    degraded = explain(s, image, "ensemble", members, C.EnsembleConfig(on_member_failure="degrade"),
+                       C.ExplainConfig(method="input_x_gradient"))
+    assert degraded["degraded"] and list(degraded["members_failed"]) == ["mismatched"]
+    assert degraded["members_used"] == ["method1"] and list(degraded["explanation"]["peak_logit"]) == ["method1"]
+
+
+class Passes:
+    """Counts an explanation's forward passes (`Scorer.using` without the caller holding the lock;
+    scoring holds it) and runs `at(n)` before pass n."""
+
+    def __init__(self, scorer, monkeypatch, at=lambda n: None):
+        self.n, self.at, real = 0, at, scorer.using
+
+        def using(member, locked=False):
+            if not locked:
+                self.n += 1
+                self.at(self.n)
+            return real(member, locked)
+
+        monkeypatch.setattr(scorer, "using", using)
+
+
+def test_a_deadline_or_a_cancel_stops_the_explanation_before_its_next_pass(scorer, image, monkeypatch):
+    cfg = C.ExplainConfig(occlusion_regions=12, chunk=1)
+    with pytest.raises(DeadlineExceeded, match="deadline after 0 passes"):
+        attribute(scorer, image, "method1", "occlusion", cfg, Budget(time.monotonic() - 1))
+    budget = Budget()
+    passes = Passes(scorer, monkeypatch, at=lambda n: n == 4 and budget.stop.set())
+    with pytest.raises(DeadlineExceeded, match="cancelled after 3 passes"):
+        attribute(scorer, image, "method1", "occlusion", cfg, budget)
+    assert passes.n == 4  # the fourth was refused; no fifth began
+    assert scorer._lock.acquire(blocking=False)  # and the lock is free
     scorer._lock.release()
 
 
-def test_scoring_runs_between_the_passes_of_an_explanation(scorer, image):
+def test_scoring_runs_between_the_passes_of_an_explanation(scorer, image, monkeypatch):
     """/v1/detect never waits for a whole explanation: each pass takes the lock on its own."""
-    done, detect_s = threading.Event(), []
+    passes, during = Passes(scorer, monkeypatch), []
+    total = 1 + token_shape(image)[0] * token_shape(image)[1]  # the unaltered image, then one region per pass
 
     def explain_slowly():
         attribute(scorer, image, "method1", "occlusion", C.ExplainConfig(occlusion_regions=12, chunk=1))
-        done.set()
 
     t = threading.Thread(target=explain_slowly)
     t.start()
-    time.sleep(0.05)
-    while not done.is_set() and len(detect_s) < 5:
-        t0 = time.perf_counter()
+    while t.is_alive():
         scorer.p_fake([image], "method2")
-        detect_s.append((time.perf_counter() - t0, done.is_set()))
+        during.append(passes.n)
     t.join()
-    assert sum(1 for _, finished in detect_s if not finished) >= 3, detect_s
+    assert passes.n == total
+    assert any(0 < n < total for n in during), during  # a detect call finished between two passes
 
 
-def test_a_version_switched_out_is_refused_not_mixed(tiny_model, tmp_path, image):
+def test_a_version_switched_out_mid_explanation_is_refused_not_mixed(tiny_model, tmp_path, image, monkeypatch):
     from aigd.scorer import Scorer
 
     entry = tmp_path / "method1"
@@ -156,11 +195,10 @@ def test_a_version_switched_out_is_refused_not_mixed(tiny_model, tmp_path, image
     second = make_adapter(tiny_model, entry, seed=12, temperature=1.0, method="method1")
     s = Scorer(C.ScoringConfig(model=C.ModelConfig(name_or_path=str(tiny_model), load_in_4bit=False),
                                image=C.ImagePolicy(**SERVE_POLICY), adapters={"method1": str(first)}))
-    old = s.member("method1")
-    s.switch("method1", str(second))
+    Passes(s, monkeypatch, at=lambda n: n == 3 and s.switch("method1", str(second)))
     with pytest.raises(AdapterUnavailable, match="switched out"):
-        with s.using(old):
-            pass
+        attribute(s, image, "method1", "occlusion", C.ExplainConfig(chunk=1))
+    assert s.member("method1").version.uri == str(second)
 
 
 def test_normalized_map_boxes_and_overlay():

@@ -32,7 +32,7 @@ def _local(args, data: bytes) -> dict:
     scorer = Scorer(cfg)
     image = scorer.prepare(data, C.DecodeLimits.preset("batch"))
     adapter = next(iter(cfg.adapters)) if len(cfg.adapters) == 1 else "ensemble"
-    return explain(scorer, image, adapter, cfg.ensemble, C.ExplainConfig(), args.method)
+    return explain(scorer, image, adapter, list(cfg.adapters), cfg.ensemble, C.ExplainConfig(), args.method)
 
 
 def _remote(args, data: bytes) -> dict:
@@ -55,11 +55,12 @@ def summary(image: str, answer: dict, overlay: str | None) -> str:
     e = answer["explanation"]
     version = answer.get("model", {}).get("version") or ", ".join(
         f"{n} {m['model']['version']}" for n, m in answer.get("members", {}).items())
+    from aigd.ui import box_text
+
     lines = [f"{image}: {answer['label'].upper()}  P(fake) {answer['p_fake']:.3f}  ({answer['adapter']}: {version})",
-             f"where the evidence for fake is ({e['method']}; x, y, w, h in % of the image):"]
+             f"where the evidence for fake is ({e['method']}):"]
     for i, b in enumerate(e["region_boxes"], 1):
-        lines.append(f"  {i}. x {100 * b['x']:.0f}-{100 * (b['x'] + b['w']):.0f} %, y {100 * b['y']:.0f}-"
-                     f"{100 * (b['y'] + b['h']):.0f} %   peak {b['score']:.2f}, {100 * b['area']:.0f} % of the image")
+        lines.append(f"  {i}. {box_text(b)}   peak {b['score']:.2f}, {100 * b['area']:.0f} % of the image")
     if not e["region_boxes"]:
         lines.append("  none: no region pushes the answer towards fake")
     lines.append(f"map ({e['grid_shape'][0]} x {e['grid_shape'][1]} tokens, 0-9 = share of the peak):")

@@ -345,9 +345,9 @@ class ExplainConfig:
     """How a map of where the evidence is gets made (aigd.explain): /v1/explain, `aigd explain`."""
 
     enabled: bool = True  # false: /v1/explain answers a JSON 404
-    # occlusion: each region replaced by the mean colour, batched (model-agnostic, the faithfulness reference);
-    # input_x_gradient: gradient x input of the patches (one forward + one backward); integrated_gradients: Captum's
-    # integral from the mean-colour image (ig_steps forwards + backwards).
+    # occlusion: each region replaced by the baseline image, batched (model-agnostic, the faithfulness reference);
+    # input_x_gradient: gradient x (input - baseline) (one forward + one backward); integrated_gradients: Captum's
+    # integral from the baseline image (ig_steps forwards + backwards).
     method: Literal["occlusion", "input_x_gradient", "integrated_gradients"] = "occlusion"
     # What a region becomes when its evidence is removed: blur (the image under a Gaussian blur: the scene kept, the
     # fine texture where generators leave traces gone) or mean (the image's mean colour). Occlusion fills with it, the
@@ -355,10 +355,10 @@ class ExplainConfig:
     baseline: Literal["blur", "mean"] = "blur"
     blur_sigma: float = 1.0  # baseline blur: the Gaussian's sigma in pixels of the model's view
     occlusion_regions: int = 12  # occlusion: at most this many regions per side, each a block of 28-px tokens
-    ig_steps: int = 8  # integrated_gradients: points on the path from the mean-colour image
+    ig_steps: int = 8  # integrated_gradients: points on the path from the baseline image
     # Copies of the image (occluded or on the path) per forward pass; the scoring lock is released between
-    # passes, so /v1/detect batches wait behind one pass at most.
-    chunk: int = 4
+    # passes, so a /v1/detect batch waits behind one pass (bench/explain_cost.py: 4 doubled detect's p99, 2 did not).
+    chunk: int = 2
     max_concurrent: int = 1  # explanations running at once per model replica; one more gets a 503
     timeout_s: float = 60.0  # seconds for an explanation once admitted (decode + every pass); then a 503
     region_threshold: float = 0.5  # region_boxes: connected areas of the map at or above this (the map peaks at 1)

@@ -10,8 +10,10 @@ Attributions come from Captum over the normalised patches that enter the vision 
   baseline image, summed over each token's pixels: first-order and path versions of the question
   occlusion asks, from the same baseline.
 
-Every pass runs through `Scorer.using`, the scoring path's own lock and adapter selection, one pass
-at a time: /v1/detect batches interleave between passes, and a pass never starts past the deadline.
+Every forward pass runs through `Scorer.using`, the scoring path's own lock, adapter selection and
+version check, one pass at a time: /v1/detect batches interleave between passes, and no pass starts
+past the deadline or after its request was cancelled (`Budget`). The gradient methods' backward
+passes run after the lock is released, on the graph their forward recorded.
 The unaltered image is scored by `Scorer.batch_logits` (what `member_logits` runs), so the answer
 beside the map is the one /v1/detect gives for the same image, from the same version.
 """
@@ -21,8 +23,9 @@ from __future__ import annotations
 import base64
 import io
 import math
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -31,7 +34,7 @@ from PIL import Image
 from aigd.batching import model_batch, normalize_pixels
 from aigd.config import EnsembleConfig, ExplainConfig
 from aigd.decision import ENSEMBLE, ensemble_answer, p_fake
-from aigd.errors import BadRequest, DeadlineExceeded
+from aigd.errors import AdapterUnavailable, BadRequest, DeadlineExceeded, MemberFailed
 from aigd.forward import answer_logits, pair_logits
 from aigd.image_view import PATCH
 
@@ -44,6 +47,10 @@ class Attribution:
     member: object  # the aigd.scorer.Member (version) explained
     logits: np.ndarray  # (2,) [Real, Fake] of the unaltered image
     method: str
+
+    def answer(self, scorer) -> dict:
+        """The member's answer for the unaltered image (`Scorer.answer`, as /v1/detect gives it)."""
+        return scorer.answer(self.member, float(p_fake(self.logits[None], self.member.temperature)[0]))
 
 
 def token_shape(image: np.ndarray) -> tuple[int, int]:
@@ -69,24 +76,39 @@ def baseline_image(image: np.ndarray, cfg: ExplainConfig) -> np.ndarray:
     return np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(cfg.blur_sigma)))
 
 
+@dataclass
+class Budget:
+    """When an explanation must stop: past a monotonic deadline, or once `stop` is set (its request
+    was cancelled). Checked before every pass, and again once the pass holds the scoring lock."""
+
+    deadline: float | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def check(self, passes: int) -> None:
+        if self.stop.is_set():
+            raise DeadlineExceeded(f"explanation cancelled after {passes} passes")
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise DeadlineExceeded(f"explanation stopped at its deadline after {passes} passes; retry later or ask "
+                                   "for a cheaper method")
+
+
 class Margin:
     """Captum's forward function: (k, patches, 1176) copies of one image, as deviations from its
     baseline image (so every method's baseline, 0, is that image) -> (k,) margins."""
 
-    def __init__(self, scorer, member, batch: dict, offset: torch.Tensor, deadline: float | None):
-        self.scorer, self.member, self.offset, self.deadline = scorer, member, offset, deadline
+    def __init__(self, scorer, member, batch: dict, offset: torch.Tensor, budget: Budget | None = None):
+        self.scorer, self.member, self.offset, self.budget = scorer, member, offset, budget or Budget()
         self.batch = {k: v for k, v in batch.items() if k not in ("pixel_values", "pixel_affine")}
         self.passes = 0
 
     def __call__(self, deviation: torch.Tensor) -> torch.Tensor:
         x = deviation + self.offset
-        if self.deadline is not None and time.monotonic() > self.deadline:
-            raise DeadlineExceeded(f"explanation stopped at its deadline after {self.passes} passes; retry later or "
-                                   "ask for a cheaper method")
+        self.budget.check(self.passes)
         k = x.shape[0]
         inputs = {name: v.repeat(k, *[1] * (v.dim() - 1)) for name, v in self.batch.items()}
         inputs["pixel_values"] = x.reshape(-1, x.shape[-1])
         with self.scorer.using(self.member) as model:
+            self.budget.check(self.passes)  # it may have waited for the lock behind detect batches
             z = pair_logits(answer_logits(model, inputs), self.scorer.label_ids)
         self.passes += 1
         return z[:, 1] - z[:, 0]
@@ -100,7 +122,7 @@ def _per_token(values: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
 
 
 def attribute(scorer, image: np.ndarray, adapter: str, method: str, cfg: ExplainConfig,
-              deadline: float | None = None) -> Attribution:
+              budget: Budget | None = None) -> Attribution:
     """The unaltered image's logits and one adapter's token map, both from the version serving now."""
     from captum.attr import FeatureAblation, InputXGradient, IntegratedGradients
 
@@ -111,8 +133,8 @@ def attribute(scorer, image: np.ndarray, adapter: str, method: str, cfg: Explain
     base = model_batch(scorer.processor, [baseline_image(image, cfg)], scorer.policy)
     offset = normalize_pixels(base["pixel_values"], base["pixel_affine"]).to(device)[None]
     x = x - offset
-    shape = token_shape(image)
-    margin = Margin(scorer, member, batch, offset, deadline)
+    shape = tuple(int(v) // MERGE for v in batch["image_grid_thw"][0, 1:])  # the grid the processor made
+    margin = Margin(scorer, member, batch, offset, budget)
     if method == "occlusion":
         regions = torch.from_numpy(region_ids(shape, cfg.occlusion_regions)).reshape(-1)
         mask = regions.repeat_interleave(MERGE * MERGE).reshape(1, -1, 1).to(device)
@@ -176,20 +198,28 @@ def overlay_png(image: np.ndarray, grid: np.ndarray, boxes: list[dict], min_side
     return buf.getvalue()
 
 
-def explain(scorer, image: np.ndarray, adapter: str, ensemble: EnsembleConfig, cfg: ExplainConfig,
-            method: str | None = None, deadline: float | None = None) -> dict:
-    """The answer /v1/detect (or /v1/ensemble) gives, plus `explanation`: the map of one adapter,
-    or the ensemble's weighted mean of its members' maps."""
+def explain(scorer, image: np.ndarray, adapter: str, members: list[str], ensemble: EnsembleConfig,
+            cfg: ExplainConfig, method: str | None = None, budget: Budget | None = None) -> dict:
+    """The answer /v1/detect (or, for `ensemble`, /v1/ensemble over `members`, under the same
+    on_member_failure policy) gives, plus `explanation`: the map of one adapter, or the ensemble's
+    weighted mean of its members' maps."""
     method = method or cfg.method
-    names = list(ensemble.members or scorer.members) if adapter == ENSEMBLE else [adapter]
-    each = {n: attribute(scorer, image, n, method, cfg, deadline) for n in names}
-    answers = {n: scorer.answer(a.member, float(p_fake(a.logits[None], a.member.temperature)[0]))
-               for n, a in each.items()}
-    if len(names) > 1:
-        answer = ensemble_answer(answers, {}, ensemble)
+    each, failed = {}, {}
+    for name in members if adapter == ENSEMBLE else [adapter]:
+        try:
+            each[name] = attribute(scorer, image, name, method, cfg, budget)
+        except AdapterUnavailable as e:  # not loaded, or switched out mid-explanation
+            if adapter != ENSEMBLE:
+                raise
+            failed[name] = str(e)
+    if failed and (ensemble.on_member_failure == "fail" or not each):
+        raise MemberFailed("ensemble member(s) failed: " + "; ".join(f"{n}: {r}" for n, r in failed.items()))
+    answers = {n: a.answer(scorer) for n, a in each.items()}
+    if adapter == ENSEMBLE:
+        answer = ensemble_answer(answers, failed, ensemble)
         weights = answer["weights"]
     else:
-        answer, weights = answers[names[0]], {names[0]: 1.0}
+        answer, weights = answers[adapter], {adapter: 1.0}
     grid = normalized(sum(weights[n] * normalized(a.scores) for n, a in each.items()))  # peaks at 1 too
     boxes = region_boxes(grid, cfg.region_threshold, cfg.max_boxes)
     return {**answer, "explanation": {

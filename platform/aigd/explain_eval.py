@@ -22,7 +22,6 @@ import numpy as np
 from PIL import Image
 
 from aigd.config import DecodeLimits, EvalConfig
-from aigd.decision import p_fake
 from aigd.errors import AigdError
 from aigd.explain import attribute, baseline_image, normalized
 from aigd.image_view import PATCH
@@ -63,12 +62,16 @@ def mask_view(mask: bytes, shape: tuple[int, int]) -> np.ndarray:
     return np.asarray(img) > 127
 
 
+def per_pixel(tokens: np.ndarray) -> np.ndarray:
+    """A token grid at the model view's pixels: each token's value over its 28 x 28 px."""
+    return np.kron(tokens, np.ones((PATCH, PATCH), tokens.dtype))
+
+
 def localization(scores: np.ndarray, mask: np.ndarray, threshold: float) -> dict:
     """Pixel ROC-AUC of the token map against the mask, and IoU of the map at `threshold` of its peak."""
-    per_pixel = np.kron(scores, np.ones((PATCH, PATCH)))
-    predicted = np.kron(normalized(scores) >= threshold, np.ones((PATCH, PATCH), bool))
+    predicted = per_pixel(normalized(scores) >= threshold)
     union = (predicted | mask).sum()
-    return {"pixel_auc": roc_auc(mask.ravel().astype(int), per_pixel.ravel()),
+    return {"pixel_auc": roc_auc(mask.ravel().astype(int), per_pixel(scores).ravel()),
             "iou": float((predicted & mask).sum() / union) if union else float("nan")}
 
 
@@ -122,10 +125,9 @@ def tampered_figures(scorer, tampered: list, adapter: str, method: str, cfg: Eva
         a = attribute(scorer, image, adapter, method, cfg.explain)
         mask = mask_view(mask_bytes, image.shape[:2])
         per.append(localization(a.scores, mask, cfg.explain.iou_threshold))
-        pooled_s.append(np.kron(a.scores / max(float(np.abs(a.scores).max()), 1e-12), np.ones((PATCH, PATCH))).ravel())
+        pooled_s.append(per_pixel(a.scores / max(float(np.abs(a.scores).max()), 1e-12)).ravel())
         pooled_m.append(mask.ravel())
-        answer = scorer.answer(a.member, float(p_fake(a.logits[None], a.member.temperature)[0]))
-        shown.append((img_id, image, normalized(a.scores), mask, answer))
+        shown.append((img_id, image, normalized(a.scores), mask, a.answer(scorer)))
     figures = {"n": len(per), "pixel_auc_mean": _mean(x["pixel_auc"] for x in per),
                "pixel_auc_pooled": roc_auc(np.concatenate(pooled_m).astype(int), np.concatenate(pooled_s))
                if per else float("nan"),

@@ -48,13 +48,18 @@ def verdict_markdown(answer: dict, latency_ms: float) -> str:
             f"decode {answer['timing']['decode_ms']:.0f} ms)")
 
 
+def box_text(b: dict) -> str:
+    """Where a region box of an explanation lies, for people (the page and `aigd explain`)."""
+    return (f"x {100 * b['x']:.0f}-{100 * (b['x'] + b['w']):.0f} %, y {100 * b['y']:.0f}-{100 * (b['y'] + b['h']):.0f} %"
+            " of the image")
+
+
 def evidence_markdown(explanation: dict) -> str:
     boxes = explanation["region_boxes"]
     if not boxes:
         return f"**Evidence** ({explanation['method']}): no region pushes the answer towards fake."
-    b = boxes[0]
-    return (f"**Evidence** ({explanation['method']}): strongest region x {100 * b['x']:.0f}-{100 * (b['x'] + b['w']):.0f} %,"
-            f" y {100 * b['y']:.0f}-{100 * (b['y'] + b['h']):.0f} % of the image; {len(boxes)} region(s) outlined")
+    return (f"**Evidence** ({explanation['method']}): strongest region {box_text(boxes[0])}; {len(boxes)} region(s) "
+            "outlined")
 
 
 def overlay_file(answer: dict) -> str:

@@ -197,20 +197,25 @@ def test_the_web_pages_calls_through_the_shared_client(api):
     assert refused.value.status == 401 and str(refused.value).startswith("API error 401 unauthorized")
 
 
-def test_explain_here_and_through_the_api_draw_the_same_map(api, adapters, tmp_path):
+def test_explain_here_and_through_the_api_draw_the_same_map(api, adapters, tmp_path, capsys):
+    from aigd import cli
+
     images = _images(tmp_path / "imgs")
     here, there = tmp_path / "here.png", tmp_path / "there.png"
-    local = aigd("explain", "--adapter", f"method1={adapters['method1']}", images["a"], "--out", here, "--json")
     remote = aigd("explain", "--api", api, "--adapter", "method1", images["a"], "--out", there, "--json",
                   env={"AIGD_API_KEY": KEY})
-    assert local.returncode == 0 and remote.returncode == 0, (local.stderr, remote.stderr)
-    mine, theirs = json.loads(local.stdout), json.loads(remote.stdout)
+    assert remote.returncode == 0, remote.stderr
+    local = [f"--adapter=method1={adapters['method1']}"]
+    assert cli.main(["explain", *local, str(images["a"]), "--out", str(here), "--json"]) == 0
+    mine, theirs = json.loads(capsys.readouterr().out), json.loads(remote.stdout)
     assert mine["p_fake"] == pytest.approx(theirs["p_fake"], abs=1e-6)
     assert "overlay_png_base64" not in mine["explanation"] and mine["overlay"] == str(here)
     np = pytest.importorskip("numpy")
     np.testing.assert_allclose(mine["explanation"]["grid"], theirs["explanation"]["grid"], atol=2e-3)
     assert here.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and there.stat().st_size > 0
-    text = aigd("explain", "--adapter", f"method1={adapters['method1']}", images["b"])
-    assert text.returncode == 0 and "where the evidence for fake is" in text.stdout and "map (" in text.stdout
-    broken = aigd("explain", "--adapter", f"method1={adapters['method1']}", images["broken"])
-    assert broken.returncode == 2 and "corrupt_image" in broken.stderr and "Traceback" not in broken.stderr
+    assert cli.main(["explain", *local, str(images["b"])]) == 0
+    text = capsys.readouterr().out
+    assert "where the evidence for fake is" in text and "map (" in text
+    assert cli.main(["explain", *local, str(images["broken"])]) == 2
+    err = capsys.readouterr().err
+    assert "corrupt_image" in err and "Traceback" not in err

@@ -349,7 +349,8 @@ def test_hostile_images_get_their_documented_status_over_http(server, name):
 
     make, expected = CASES[name]
     data = make()
-    for endpoint in ("detect?adapter=method1", "explain?adapter=method1&method=input_x_gradient"):
+    # /v1/explain refuses the same way (the accepted cases' explanations are covered elsewhere)
+    for endpoint in ("detect?adapter=method1",) + (() if expected == "ok" else ("explain?adapter=method1",)):
         r = requests.post(f"{server}/main/v1/{endpoint}", data=data,
                           headers={"content-type": "application/octet-stream"}, timeout=60)
         if len(data) > 2**20:  # this app's 1 MB body cap comes first

@@ -49,6 +49,9 @@ $(UI_VENV)/.installed: pyproject.toml
 	python3 -m venv $(UI_VENV)
 	$(UI_VENV)/bin/pip install -q --upgrade pip
 	$(UI_VENV)/bin/pip install -q "gradio>=6,<7" "requests>=2.31"
+	@# Gradio 6 caps Pillow below 13; the page decodes untrusted uploads (the Stability tab's copies), so it gets
+	@# the release with the JPEG and EXIF fixes the API requires (tests/test_web.py drives the page on it).
+	$(UI_VENV)/bin/pip install -q --no-deps "pillow>=13,<14"
 	$(UI_VENV)/bin/pip install -q --no-deps -e .
 	touch $@
 
@@ -139,7 +142,8 @@ demo: train-demo eval-demo serve-demo
 
 # The web page (a client of the API on :8000), on http://127.0.0.1:7860; Ctrl-C stops it.
 ui: setup
-	GRADIO_ANALYTICS_ENABLED=False $(UI_VENV)/bin/python -m aigd.ui --api http://127.0.0.1:8000 --port 7860
+	GRADIO_ANALYTICS_ENABLED=False $(UI_VENV)/bin/python -m aigd.ui --api http://127.0.0.1:8000 --port 7860 \
+		--examples $(AIGD_HOME)/demo-data/samples
 
 test: setup
 	$(PY) -m pytest -x -q

@@ -85,6 +85,63 @@ def jpeg_48mp(width: int = 8000, height: int = 6000) -> bytes:
     return _save(small.resize((width, height), Image.Resampling.BILINEAR), "JPEG", quality=85)
 
 
+def _textured(width: int = 1024, height: int = 768) -> Image.Image:
+    rng = np.random.default_rng(1)
+    return Image.fromarray(rng.integers(0, 255, (height // 16, width // 16, 3), dtype=np.uint8)).resize(
+        (width, height), Image.Resampling.BILINEAR)
+
+
+def jpeg_scan_cut_end_kept() -> bytes:
+    """A JPEG cut mid-scan with its end marker put back: libjpeg invents the rest and only warns."""
+    data = _save(_textured(), "JPEG", quality=90)
+    return data[: len(data) // 3] + b"\xff\xd9"
+
+
+def jpeg_header_declares_more() -> bytes:
+    """The frame header claims four times the rows the scan data holds."""
+    data = bytearray(_save(_textured(), "JPEG", quality=90))
+    sof = data.index(b"\xff\xc0")
+    height = int.from_bytes(data[sof + 5:sof + 7], "big")
+    data[sof + 5:sof + 7] = (height * 4).to_bytes(2, "big")
+    return bytes(data)
+
+
+def png_idat_not_zlib() -> bytes:
+    """A PNG whose IDAT payload is random bytes (with a valid CRC): no pixel in it can be read."""
+    raw = np.random.default_rng(2).bytes(30_000)
+    ihdr = struct.pack(">IIBBBBB", 600, 400, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", raw) + _chunk(b"IEND", b"")
+
+
+def png_header_declares_more() -> bytes:
+    """IHDR claims twice the rows the (valid, complete) zlib stream holds."""
+    img = _save(_textured(600, 400), "PNG")
+    end = 8 + 8 + 13 + 4
+    ihdr = struct.pack(">IIBBBBB", 600, 800, 8, 2, 0, 0, 0)
+    return img[:8] + _chunk(b"IHDR", ihdr) + img[end:]
+
+
+def gif_cut_trailer_kept() -> bytes:
+    data = _save(_textured().convert("P"), "GIF")
+    return data[: len(data) // 2] + b"\x3b"
+
+
+def webp_cut() -> bytes:
+    data = _save(_textured(), "WEBP", quality=80)
+    return data[: len(data) // 2]
+
+
+# Files whose pixel data is missing or unreadable: a verdict on them would be a verdict on decoder
+# padding, at whatever scale they are decoded.
+MISSING_PIXELS = {
+    "jpeg_scan_cut_end_kept": jpeg_scan_cut_end_kept,
+    "jpeg_header_declares_4x_rows": jpeg_header_declares_more,
+    "png_idat_not_zlib": png_idat_not_zlib,
+    "png_header_declares_2x_rows": png_header_declares_more,
+    "gif_cut_trailer_kept": gif_cut_trailer_kept,
+    "webp_cut_in_half": webp_cut,
+}
+
 # name -> (generator, the API's answer: "ok" or the error code)
 CASES = {
     "progressive_jpeg_5000_scans": (progressive_jpeg_scans, "image_rejected"),
@@ -95,6 +152,7 @@ CASES = {
     "png_header_30000x30000": (png_header_bomb, "image_too_large"),
     "jpeg_bad_exif": (jpeg_bad_exif, "ok"),
     "jpeg_48mp_camera": (jpeg_48mp, "ok"),
+    **{name: (make, "corrupt_image") for name, make in MISSING_PIXELS.items()},
 }
 
 

@@ -60,7 +60,7 @@ def scoring_dataset(cfg: C.EvalConfig, cat: Catalog, split: str, perturbations: 
     """Ray Data: the split's planned rows -> decode + perturbations (tasks) -> Scorers (an actor pool)."""
     rows, files = planned_rows(cat, split, None)
     ds = rows.map_batches(E.expand_block, fn_kwargs=dict(cfg=cat.cfg, files=files, perturbations=perturbations,
-                                                         policy=cfg.image),
+                                                         policy=cfg.image, provenance=cfg.provenance),
                           batch_format="pyarrow", batch_size=None, num_cpus=cfg.decode_cpus)
     return ds.map_batches(E.ScoringActor, fn_constructor_kwargs=dict(cfg=C.to_dict(cfg)), batch_format="numpy",
                           batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.scorers),

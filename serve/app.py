@@ -21,7 +21,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from aigd import config as C
-from aigd import registry
+from aigd import provenance, registry
 from aigd.decision import ENSEMBLE, ensemble_answer
 from aigd.errors import (AdapterUnavailable, AigdError, DeadlineExceeded, MemberFailed, NotFound, Overloaded,
                          ReplicaLost, UnknownAdapter, error_body, from_body, http_status)
@@ -29,7 +29,7 @@ from aigd.image_view import prepare
 from aigd.manifest import policy_for
 from serve.auth import api_keys, check_api_key
 from serve.detector import Detector
-from serve.http_api import error_response, image_payloads, new_api, read_body
+from serve.http_api import error_response, image_payloads, new_api, read_body, request_id
 from serve.openapi import ROUTES, describe_deployment
 
 log = logging.getLogger("ray.serve")
@@ -65,6 +65,8 @@ class Router:
                                 tag_keys=("adapter", "label"))
         self.latency = Histogram("aigd_request_latency_ms", description="request latency",
                                  boundaries=LATENCY_MS, tag_keys=("endpoint",))
+        self.declared = Counter("aigd_provenance_declared_total", description="images by what their metadata "
+                                "declares (aigd.provenance)", tag_keys=("declared",))
 
     # ---- plumbing: access, body, admission, errors, metrics
 
@@ -79,7 +81,8 @@ class Router:
                 check_api_key(request, self.keys)
             self._check_capacity()  # full already: refuse before pulling the body through the proxy
             data = await read_body(request, self.cfg.request) if body else b""
-            response = JSONResponse(await self._admitted(work, data, timeout_s or self.cfg.request.timeout_s))
+            answer = await self._admitted(work, data, timeout_s or self.cfg.request.timeout_s)
+            response = JSONResponse({**answer, "request_id": request_id()})
         except AigdError as e:
             response = error_response(e, self.cfg.retry_after_s)
         except Exception as e:  # never a traceback, never a dead replica; the log keeps the details
@@ -109,14 +112,36 @@ class Router:
         finally:
             self.in_flight -= 1
 
+    async def _prepare(self, data: bytes) -> tuple[np.ndarray, dict]:
+        """The model's view of the image, and what traces it: the SHA-256 of the bytes received and
+        the provenance block, read from those bytes (not the decoded pixels) in the same bounded pool."""
+        origin = asyncio.ensure_future(self._origin(data))
+        try:
+            pixels = await self._cpu(prepare, data, self.cfg.limits, self.policy)
+        except BaseException:
+            origin.cancel()
+            raise
+        return pixels, await origin
+
+    async def _origin(self, data: bytes) -> dict:
+        cfg = self.cfg.provenance
+        out = {"image_sha256": await self._cpu(provenance.sha256, data)}
+        if cfg.enabled:
+            try:
+                out["provenance"] = await asyncio.wait_for(self._cpu(provenance.read, data, cfg), cfg.timeout_s)
+            except TimeoutError:
+                out["provenance"] = provenance.empty(f"not read within provenance.timeout_s = {cfg.timeout_s:g} s")
+            self.declared.inc(tags={"declared": out["provenance"]["declared"]})
+        return out
+
     async def _score(self, data: bytes, adapters: tuple[str, ...]) -> tuple[dict, dict]:
         t0 = time.perf_counter()
-        pixels = await self._cpu(prepare, data, self.cfg.limits, self.policy)
+        pixels, origin = await self._prepare(data)
         t1 = time.perf_counter()
         out = await self._replica("score", pixels, adapters)
         timing = {"decode_ms": round((t1 - t0) * 1000, 2), "model_ms": round((time.perf_counter() - t1) * 1000, 2),
                   "batch_size": out["batch_size"], "replica": out["replica"]}
-        return out["members"], timing
+        return out["members"], {**origin, "timing": timing}
 
     async def _replica(self, method: str, *args) -> dict:
         """A model replica's answer (`score`, `explain`). Neither has side effects, so a request whose
@@ -138,22 +163,22 @@ class Router:
             raise UnknownAdapter(f"unknown adapter {adapter!r}; configured: {sorted(self.cfg.adapters)}")
 
     async def _detect_one(self, data: bytes, adapter: str) -> dict:
-        members, timing = await self._score(data, (adapter,))
+        members, traced = await self._score(data, (adapter,))
         m = members[adapter]
         if "error" in m:
             raise AdapterUnavailable(m["error"]["message"])
         self.verdicts.inc(tags={"adapter": adapter, "label": m["label"]})
-        return {**m, "timing": timing}
+        return {**m, **traced}
 
     async def _ensemble_one(self, data: bytes) -> dict:
-        members, timing = await self._score(data, tuple(self.ensemble_members))
+        members, traced = await self._score(data, tuple(self.ensemble_members))
         ok = {n: m for n, m in members.items() if "error" not in m}
         failed = {n: m["error"]["message"] for n, m in members.items() if "error" in m}
         if failed and (self.cfg.ensemble.on_member_failure == "fail" or not ok):
             raise MemberFailed("ensemble member(s) failed: " + "; ".join(f"{n}: {r}" for n, r in failed.items()))
         answer = ensemble_answer(ok, failed, self.cfg.ensemble)
         self.verdicts.inc(tags={"adapter": ENSEMBLE, "label": answer["label"]})
-        return {**answer, "timing": timing}
+        return {**answer, **traced}
 
     # ---- the app: this instance's routes (paths and docs: serve/openapi.py) and OpenAPI document
 
@@ -163,7 +188,8 @@ class Router:
             hidden = name == "explain" and not self.cfg.explain.enabled  # answers a JSON 404 saying so
             api.add_api_route(path, getattr(self, name), methods=[method], **docs, include_in_schema=not hidden)
         # FastAPI serves the document it cached on this app, which no other Router shares.
-        describe_deployment(api.openapi(), sorted(self.cfg.adapters), self.cfg.auth.enabled)
+        describe_deployment(api.openapi(), sorted(self.cfg.adapters), self.cfg.auth.enabled,
+                            self.cfg.request.max_batch_images)
         return api
 
     # ---- endpoints
@@ -188,11 +214,10 @@ class Router:
                 if adapter == ENSEMBLE:
                     return await self._ensemble_one(data)
                 return await self._detect_one(data, adapter)
-            except AigdError as e:
-                return {**error_body(e), "status": http_status(e)}
             except Exception as e:
-                log.exception("detect_batch: one image failed")
-                return {**error_body(e), "status": http_status(e)}
+                if not isinstance(e, AigdError):
+                    log.exception("detect_batch: one image failed")
+                return {**error_body(e), "status": http_status(e), "image_sha256": provenance.sha256(data)}
 
         async def work(body: bytes):
             if adapter != ENSEMBLE:
@@ -218,14 +243,14 @@ class Router:
             if adapter != ENSEMBLE:
                 self._check_adapter(adapter)
             data = (await image_payloads(request, body, 1, self._cpu))[0]
-            pixels = await self._cpu(prepare, data, self.cfg.limits, self.policy)
+            pixels, origin = await self._prepare(data)
             t1 = time.perf_counter()
             deadline = time.time() + self.cfg.explain.timeout_s - (t1 - t0)  # wall-clock: the replica's too
             out = await self._replica("explain", pixels, adapter, method, deadline)
             if "error" in out:
                 raise from_body(out)
             self.verdicts.inc(tags={"adapter": adapter, "label": out["answer"]["label"]})
-            return {**out["answer"], "timing": {"decode_ms": round((t1 - t0) * 1000, 2), "model_ms": out["explain_ms"],
+            return {**out["answer"], **origin, "timing": {"decode_ms": round((t1 - t0) * 1000, 2), "model_ms": out["explain_ms"],
                                                 "batch_size": 1, "replica": out["replica"]}}
 
         return await self._answer(request, "explain", adapter, work, timeout_s=self.cfg.explain.timeout_s)

@@ -48,12 +48,20 @@ class DocsContentSecurityPolicy:
         await self.app(scope, receive, with_csp)
 
 
+def request_id() -> str:
+    """This request's id: the caller's X-Request-ID, or the one Serve made up. The proxy puts it in
+    the response's X-Request-ID header; answers and error bodies repeat it."""
+    from ray.serve.context import _get_serve_request_context  # the id's only accessor in Ray 2.60
+
+    return _get_serve_request_context().request_id
+
+
 def error_response(exc: BaseException, retry_after_s: int) -> JSONResponse:
     status = http_status(exc)
     headers = {"Retry-After": str(retry_after_s)} if status in (429, 503) else None
     if status == 401:
         headers = {"WWW-Authenticate": "Bearer"}
-    return JSONResponse(error_body(exc), status_code=status, headers=headers)
+    return JSONResponse({**error_body(exc), "request_id": request_id()}, status_code=status, headers=headers)
 
 
 async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -69,8 +77,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
         response = error_response(MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}"), 1)
         response.headers.update(exc.headers or {})
         return response
-    return JSONResponse({"error": {"code": f"http_{exc.status_code}", "message": str(exc.detail)}},
-                        status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse({"error": {"code": f"http_{exc.status_code}", "message": str(exc.detail)},
+                         "request_id": request_id()}, status_code=exc.status_code, headers=exc.headers)
 
 
 def new_api() -> FastAPI:

@@ -21,6 +21,49 @@ class ErrorDetail(BaseModel):
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+    request_id: Optional[str] = Field(None, description="this request's id, also in the X-Request-ID header")
+
+
+class C2pa(BaseModel):
+    present: bool
+    validation_state: Optional[str] = Field(None, description="c2pa: Valid (signature and hashes check), "
+                                                              "Trusted (and the signer chains to a configured "
+                                                              "trust anchor) or Invalid")
+    validation_failures: list[str] = Field([], description="C2PA failure codes, e.g. assertion.dataHash.mismatch")
+    claim_generator: Optional[str] = None
+    signer: Optional[str] = Field(None, description="the signing certificate's common name")
+    issuer: Optional[str] = Field(None, description="the signing certificate's organization")
+    digital_source_type: Optional[str] = Field(None, description="IPTC term, e.g. trainedAlgorithmicMedia")
+    actions: list[str] = []
+
+
+class GeneratorText(BaseModel):
+    tool: str
+    keys: list[str] = Field(description="where it was found: PNG text keys, or exif")
+    text: Optional[dict[str, str]] = Field(None, description="only with provenance.include_generator_text")
+
+
+class Provenance(BaseModel):
+    """What the file itself declares. Never used in p_fake: metadata can be stripped or forged, and
+    its absence means nothing."""
+
+    declared: Literal["ai", "edited", "camera", "none"] = Field(description="the strongest declaration any "
+                                                                            "source makes")
+    evidence: list[str] = Field(description="one line per source that declared something")
+    c2pa: C2pa
+    xmp_digital_source_type: Optional[str]
+    generator_text: Optional[GeneratorText]
+    exif: Optional[dict[str, str]] = Field(description="software, make, model")
+    error: Optional[str] = Field(description="what could not be read (over a limit, malformed); the image is "
+                                             "scored anyway")
+
+
+class Traced(BaseModel):
+    """What lets a caller match an answer to its request, its logs and a re-submission."""
+
+    request_id: str = Field(description="also in the X-Request-ID header; send X-Request-ID to choose it")
+    image_sha256: str = Field(description="SHA-256 of the image bytes received")
+    provenance: Optional[Provenance] = Field(None, description="absent when provenance.enabled is false")
 
 
 class Timing(BaseModel):
@@ -44,11 +87,11 @@ class MemberAnswer(BaseModel):
     model: dict[str, str] = Field(description="the adapter's version: method, created_at, code_version")
 
 
-class DetectAnswer(MemberAnswer):
+class DetectAnswer(MemberAnswer, Traced):
     timing: Timing
 
 
-class EnsembleAnswer(BaseModel):
+class EnsembleAnswer(Traced):
     adapter: Literal["ensemble"]
     label: Label
     p_fake: float = Field(ge=0, le=1)
@@ -85,7 +128,7 @@ class Explanation(BaseModel):
     overlay_png_base64: str = Field(description="the model's view of the image with the map over it, PNG")
 
 
-class ExplainAnswer(BaseModel):
+class ExplainAnswer(Traced):
     """The answer /v1/detect (or /v1/ensemble) gives for the image, plus where its evidence is."""
 
     model_config = ConfigDict(extra="allow")
@@ -103,13 +146,58 @@ class BatchEntry(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     index: int
+    image_sha256: str
+    provenance: Optional[Provenance] = None
     status: Optional[int] = Field(None, description="only on an error entry: the HTTP status it would get alone")
     error: Optional[ErrorDetail] = None
 
 
 class BatchAnswer(BaseModel):
     adapter: str
+    request_id: str
     results: list[BatchEntry]
+
+
+class BaseModelInfo(BaseModel):
+    checkpoint: str = Field(description="the base's name (a local folder's name only)")
+    backend: str
+    dtype: str
+    quantization: Optional[str]
+    fingerprint: str
+
+
+class AdapterInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    temperature: float
+    threshold: float
+    uncertain_band: Optional[list[float]]
+    name: str
+    version: str = Field(description="the registry version serving")
+    method: Optional[str]
+    created_at: Optional[str]
+    code_version: Optional[str]
+
+
+class ImagePolicyInfo(BaseModel):
+    prompt: str
+    prompt_version: str
+    max_pixels: int
+    min_pixels: int
+
+
+class ModelsAnswer(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    base: BaseModelInfo
+    device: str
+    image_policy: ImagePolicyInfo = Field(description="what every image becomes before the model sees it")
+    adapters: dict[str, AdapterInfo] = Field(description="the loaded adapters by name")
+    shadows: dict[str, str] = Field(description="adapter -> the version scored in shadow")
+    unavailable: list[str] = Field(description="configured adapters not loaded right now")
+    replica: str
+    refused_versions: dict[str, dict] = Field(description="adapter -> the version a reconfigure could not "
+                                                          "load, and why")
+    explanations_running: int
+    ensemble: dict = Field(description="the ensemble's rule, weights and members")
 
 
 _BINARY = {"type": "string", "format": "binary", "minLength": 1}
@@ -125,11 +213,10 @@ def image_body(batch: bool) -> dict:
         multipart = {"type": "object", "required": ["image"],
                      # items without minLength: an empty file is one entry's error, not the request's
                      "properties": {"image": {"type": "array", "items": {"type": "string", "format": "binary"},
-                                              "minItems": 1, "maxItems": 16,
+                                              "minItems": 1,
                                               "description": "repeat the field once per image"}}}
         as_json = {"type": "object", "required": ["images"],
-                   "properties": {"images": {"type": "array", "minItems": 1, "maxItems": 16,
-                                             "items": _BASE64}}}
+                   "properties": {"images": {"type": "array", "minItems": 1, "items": _BASE64}}}
         content = {"multipart/form-data": {"schema": multipart}, "application/json": {"schema": as_json}}
     else:
         multipart = {"type": "object", "required": ["image"], "properties": {"image": _BINARY}}
@@ -154,9 +241,14 @@ def error_responses(*statuses: int) -> dict:
     return {c: {"model": ErrorBody, "description": described.get(c, "error")} for c in codes}
 
 
-def describe_deployment(schema: dict, adapters: list[str], auth: bool) -> None:
+def describe_deployment(schema: dict, adapters: list[str], auth: bool, max_batch_images: int) -> None:
     """What only the running config knows, added to one app's OpenAPI document: the adapter names
-    (an enum a generated client can offer) and, with API keys on, the security schemes."""
+    (an enum a generated client can offer), the batch size limit and, with API keys on, the
+    security schemes."""
+    batch = schema["paths"].get("/v1/detect/batch", {}).get("post", {}).get("requestBody", {}).get("content", {})
+    for media, field in (("multipart/form-data", "image"), ("application/json", "images")):
+        if media in batch:
+            batch[media]["schema"]["properties"][field]["maxItems"] = max_batch_images
     for path, names in (("/v1/detect", adapters), ("/v1/detect/batch", [*adapters, ENSEMBLE]),
                         ("/v1/explain", [*adapters, ENSEMBLE])):
         for param in schema["paths"].get(path, {}).get("post", {}).get("parameters", []):
@@ -191,7 +283,7 @@ ROUTES = {
         responses={200: {"model": ExplainAnswer}, **_ERRORS}, openapi_extra=image_body(batch=False))),
     "models": ("GET", "/v1/models", dict(
         summary="the base, the loaded adapters (versions, thresholds) and the ensemble",
-        responses={200: _ANY_JSON, **error_responses(401, 403, 503)})),
+        responses={200: {"model": ModelsAnswer}, **error_responses(401, 403, 503)})),
     "healthz": ("GET", "/healthz", dict(summary="the router is up")),
     "readyz": ("GET", "/readyz", dict(
         summary="a model replica answers and its adapters are loaded",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import socket
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -68,3 +69,12 @@ def serve_config(tiny_model, adapters: dict, **changes) -> dict:
     for key, value in changes.items():
         cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
     return cfg
+
+
+def documented_metrics() -> set[str]:
+    """Every Prometheus metric name of ours the README, deploy/README.md and docs/ give (ray_aigd_*)."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    texts = [root / "README.md", root / "deploy" / "README.md", *sorted((root / "docs").glob("*.md"))]
+    return {m for path in texts for m in re.findall(r"\bray_aigd_[a-z_]+[a-z]", path.read_text())}

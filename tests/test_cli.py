@@ -3,6 +3,7 @@ against the Serve app on a local Ray (slow: it uses ray_local)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -103,6 +104,9 @@ def test_score_batch_streams_rows_in_input_order_into_parquet(tmp_path, tiny_mod
     assert [Path(r["id"]).name for r in rows] == ["a.png", "b.jpg", "broken.jpg", "notes.txt"]
     assert [r["error"] is None for r in rows] == [True, True, False, False]
     assert rows[2]["error"].startswith("corrupt_image") and rows[3]["p_fake"] is None
+    assert rows[0]["image_sha256"] == hashlib.sha256(images["a"].read_bytes()).hexdigest()
+    assert rows[0]["provenance_declared"] == "none" and json.loads(rows[0]["provenance"])["c2pa"] == {"present": False}
+    assert rows[2]["image_sha256"] is not None  # an unreadable image is still identified
     assert os.listdir(out.parent) == ["scores.parquet"]  # the .partial file became the output
 
 
@@ -162,10 +166,12 @@ def test_score_through_the_api_prints_what_local_scoring_prints(api, adapters, t
     local = _lines(capsys.readouterr().out)
 
     for got, want in zip(_lines(remote.stdout) + _lines(remote_ensemble.stdout), local):
-        assert got.keys() == want.keys() and got["image"] == want["image"]
+        assert got.keys() - {"request_id"} == want.keys() and got["image"] == want["image"]
         assert got.get("error", {}).get("code") == want.get("error", {}).get("code")
         if "p_fake" in want:
             assert got["p_fake"] == pytest.approx(want["p_fake"], abs=1e-6) and got["label"] == want["label"]
+            assert (got["image_sha256"], got["provenance"]) == (want["image_sha256"], want["provenance"])
+            assert got["request_id"]  # the API's answer says which request it was
     assert _lines(remote_ensemble.stdout)[0]["members"].keys() == {"method1", "method2"}
 
 

@@ -223,6 +223,11 @@ def test_evaluate_job_scores_the_test_split_and_writes_the_report(tmp_path, tiny
 
     rows = pq.read_table(report.parent / "predictions.parquet").to_pylist()
     assert len(rows) == 3 * metrics["n_images"] and {"p_fake_ensemble", "label_method1", "generator"} <= set(rows[0])
+    # each image's bytes identified and what they declare: the same for all its perturbed copies
+    by_image = {}
+    for r in rows:
+        by_image.setdefault(r["img_id"], set()).add((r["image_sha256"], r["provenance_declared"]))
+    assert all(len(v) == 1 and None not in next(iter(v)) for v in by_image.values())
     groups = metrics["groups"]["generator"]
     assert sum(g["n_fake"] for g in groups.values()) == clean["method1"]["confusion"]["tp"] + clean["method1"]["confusion"]["fn"]
     assert groups["real"]["reals"] == "none" and {g["reals"] for k, g in groups.items() if k != "real"} == {"pooled"}

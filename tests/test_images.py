@@ -115,3 +115,20 @@ def test_image_limits_name_the_format_cap():
         decode(data, DecodeLimits(max_jpeg_pixels=20_000_000))
     with pytest.raises(ImageTooLarge, match="PNG"):
         decode(png_header_bomb(4500))  # 20.25 MP: above the 16.7 MP full-decode cap
+
+
+@pytest.mark.parametrize("name", sorted(__import__("bench.hostile_inputs", fromlist=["MISSING_PIXELS"]).MISSING_PIXELS))
+def test_missing_pixel_data_is_corrupt_at_every_decode_scale(name):
+    """Full size (augmentation, evaluation perturbations), the policy's reduced scale (serving,
+    scoring, training) and a tiny policy that forces the smallest DCT scale all refuse it."""
+    from bench.hostile_inputs import MISSING_PIXELS
+
+    from aigd.config import ImagePolicy
+    from aigd.image_view import prepare
+
+    data = MISSING_PIXELS[name]()
+    with pytest.raises(CorruptImage):
+        decode(data)
+    for policy in (ImagePolicy(), ImagePolicy(min_pixels=56 * 56, max_pixels=56 * 56)):
+        with pytest.raises(CorruptImage):
+            prepare(data, DecodeLimits.preset("serving"), policy)

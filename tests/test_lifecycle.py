@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -13,7 +14,7 @@ import time
 import pytest
 import requests
 from conftest import ROOT, make_adapter
-from helpers import free_port, image_bytes, photo, serve_config
+from helpers import documented_metrics, free_port, image_bytes, photo, serve_config
 
 from aigd import config as C
 from aigd import registry
@@ -223,6 +224,13 @@ def test_shadow_scores_a_candidate_without_changing_answers_and_reports_it(app, 
     assert rows and rows[0]["images"] >= 1 and rows[0]["images"] + skipped == len(images)
     assert rows[0]["serving"] == v["old"].version and 0 <= rows[0]["agreement"] <= 1
     assert rows[0]["mean_abs_diff"] > 0  # another adapter: other probabilities
+    # every shadow metric the docs name is exported, under that name, once its event happened
+    text = requests.get(os.environ["AIGD_TEST_METRICS"], timeout=30).text
+    happened = {"ray_aigd_shadow_label_flips_total": rows[0]["agreement"] < 1,
+                "ray_aigd_shadow_skipped_total": skipped > 0}
+    names = {n for n in documented_metrics() if n.startswith("ray_aigd_shadow")}
+    assert len(names) == 5
+    assert not [n for n in names if happened.get(n, True) and not re.search(rf"^{n}(_bucket)?{{", text, re.M)]
     set_shadow(cfg, "method2", None, 0.0, url, log=lambda *_: None)
     assert requests.get(f"{url}/v1/models", timeout=30).json()["shadows"] == {}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import socket
 from concurrent.futures import ThreadPoolExecutor
 
@@ -49,7 +50,8 @@ def server(ray_local, tiny_model, adapters, tmp_path_factory):
                            ensemble={"on_member_failure": "degrade"},
                            explain={"timeout_s": 3.0, "chunk": 1, "ig_steps": 400, "max_concurrent": 1}),
         "strict": _config(tiny_model, with_bad, detector={"on_adapter_error": "skip"},
-                          ensemble={"on_member_failure": "fail"}, explain={"enabled": False}),
+                          ensemble={"on_member_failure": "fail"}, explain={"enabled": False},
+                          provenance={"enabled": False}),
         "busy": _config(tiny_model, good, detector={"max_batch_size": 1, "max_ongoing_requests": 1,
                                                    "max_queued_requests": 1},
                         router={"max_in_flight": 4}),
@@ -280,7 +282,7 @@ def test_stalled_uploads_hold_no_slot_and_are_dropped_with_408(server):
         assert [a.status_code for a in answers] == [200] * 5, [a.text for a in answers]
         stalled[0].settimeout(30)
         answer = b""
-        while b"}}" not in answer and (chunk := stalled[0].recv(4096)):
+        while b'"request_id"' not in answer and (chunk := stalled[0].recv(4096)):
             answer += chunk
         text = answer.decode(errors="replace")
         assert text.startswith("HTTP/1.1 408") and '"code":"request_timeout"' in text, text
@@ -297,7 +299,7 @@ def test_a_trickling_upload_is_dropped_once_below_the_minimum_rate(server):
     with _stalled_upload(port, "/main/v1/ensemble") as s:
         s.settimeout(0.5)
         answer, t0 = b"", time.monotonic()
-        while b"}}" not in answer and time.monotonic() - t0 < 20:
+        while b'"request_id"' not in answer and time.monotonic() - t0 < 20:
             try:
                 s.sendall(b"\x00")
                 answer += s.recv(4096)
@@ -529,3 +531,71 @@ def test_explain_of_the_ensemble_follows_its_member_failure_policy(server):
     got = got.json()
     assert got["adapter"] == "ensemble" and got["degraded"] and got["members_failed"].keys() == {"mismatched"}
     assert got["p_fake"] == pytest.approx(ens["p_fake"], abs=1e-5) and got["members_used"] == ens["members_used"]
+
+
+def test_answers_are_traceable_and_say_what_the_file_declares(server):
+    """request_id (the caller's X-Request-ID, echoed in the header too) and image_sha256 in every answer
+    and error; the provenance block beside the score, which it never changes."""
+    import hashlib
+
+    from aigd.dev import provenance_files as P
+
+    img = _photo(40, size=(168, 140))
+    plain, declared = _bytes(img), P.png_with_text(img, {"parameters": P.A1111_PARAMETERS})
+    r = _post(f"{server}/main/v1/detect?adapter=method1", declared, headers={"X-Request-ID": "trace-0042"})
+    body = r.json()
+    assert body["request_id"] == r.headers["x-request-id"] == "trace-0042"
+    assert body["image_sha256"] == hashlib.sha256(declared).hexdigest()
+    assert body["provenance"]["declared"] == "ai" and body["provenance"]["generator_text"]["keys"] == ["parameters"]
+    assert body["p_fake"] == _post(f"{server}/main/v1/detect?adapter=method1", plain).json()["p_fake"]
+    signed = P.c2pa_signed(P.encode(img, "JPEG", quality=90))
+    ens = _post(f"{server}/main/v1/ensemble", signed).json()
+    assert ens["provenance"]["c2pa"]["validation_state"] == "Valid" and ens["request_id"]
+    files = [("image", ("a.png", plain)), ("image", ("b.jpg", signed)), ("image", ("c.bin", b"junk" * 50))]
+    batch = requests.post(f"{server}/main/v1/detect/batch?adapter=ensemble", files=files, timeout=60).json()
+    a, b, c = batch["results"]
+    assert batch["request_id"] and a["provenance"]["declared"] == "none" and b["provenance"]["declared"] == "ai"
+    assert c["status"] == 415 and c["image_sha256"] == hashlib.sha256(b"junk" * 50).hexdigest()
+    explained = _post(f"{server}/main/v1/explain?adapter=method1", signed).json()
+    assert explained["provenance"]["declared"] == "ai" and explained["image_sha256"] == b["image_sha256"]
+    # errors: the decoder's, the router's, FastAPI's validation
+    for url, data in ((f"{server}/main/v1/detect?adapter=method1", b"junk" * 50),
+                      (f"{server}/main/v1/nowhere", b""), (f"{server}/main/v1/detect", plain)):
+        e = _post(url, data, headers={"X-Request-ID": "trace-err"})
+        assert e.status_code in (400, 404, 415) and e.json()["request_id"] == "trace-err" == e.headers["x-request-id"]
+    made_up = _post(f"{server}/main/v1/detect?adapter=method1", plain)
+    assert made_up.json()["request_id"] == made_up.headers["x-request-id"] != ""
+
+
+def test_hostile_metadata_costs_the_answer_nothing_but_its_provenance(server):
+    from aigd.dev import provenance_files as P
+
+    img = _photo(41, size=(168, 140))
+    for name, make in sorted(P.HOSTILE.items()):
+        r = _post(f"{server}/main/v1/detect?adapter=method1", make(img))
+        assert r.status_code == 200, (name, r.text)
+        block = r.json()["provenance"]
+        assert (block["error"] is None) == (name == "broken_exif"), (name, block)
+        assert 0 <= r.json()["p_fake"] <= 1
+    off = _post(f"{server}/strict/v1/detect?adapter=method1", P.with_xmp(img, "JPEG"))
+    assert off.status_code == 200 and "provenance" not in off.json()  # provenance.enabled: false there
+
+
+def test_the_documented_metric_names_are_exported(server):
+    """Every `ray_aigd_*` name the README and docs give for serving is on the metrics endpoint (Ray
+    prefixes custom metrics with ray_); the shadow ones are checked where shadow runs (test_lifecycle)."""
+    import os
+    import time
+
+    from helpers import documented_metrics
+
+    for _ in range(3):
+        _post(f"{server}/main/v1/ensemble", _bytes(_photo(42)))
+    names = {n for n in documented_metrics() if not n.startswith("ray_aigd_shadow")}
+    assert {"ray_aigd_requests_total", "ray_aigd_request_latency_ms", "ray_aigd_provenance_declared_total"} <= names
+    missing, deadline = names, time.monotonic() + 60
+    while missing and time.monotonic() < deadline:  # Ray exports every few seconds
+        text = requests.get(os.environ["AIGD_TEST_METRICS"], timeout=30).text
+        missing = {n for n in names if not re.search(rf"^{n}(_bucket|_count|_sum)?{{", text, re.M)}
+        time.sleep(2)
+    assert not missing, missing

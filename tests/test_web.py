@@ -36,18 +36,35 @@ def api(ray_local, tiny_model, adapters):
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     good = {k: adapters[k] for k in ("method1", "method2")}
-    serve.run(build_app(_config(tiny_model, good)), name="web", route_prefix="/")
+    # 5 images per batch request: the page must learn the limit from the API (its OpenAPI document)
+    serve.run(build_app(_config(tiny_model, good, request={"max_batch_images": 5})), name="web", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
 
 @pytest.fixture(scope="module")
-def ui(api):
+def ui_dirs(tmp_path_factory):
+    """The page's examples, and the temporary folders it writes to (its own, Gradio's cache)."""
+    root = tmp_path_factory.mktemp("ui")
+    examples = root / "examples"
+    examples.mkdir()
+    (examples / "real-sample.png").write_bytes(_bytes(_photo(50)))
+    (examples / "fake-sample.jpg").write_bytes(_bytes(_photo(51), "JPEG", quality=90))
+    for name in ("tmp", "gradio"):
+        (root / name).mkdir()
+    return root
+
+
+@pytest.fixture(scope="module")
+def ui(api, ui_dirs):
     if not UI_PYTHON.exists():
         pytest.skip(f"{UI_PYTHON} missing: `make setup` builds the UI environment")
     port = _free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
-    proc = subprocess.Popen([str(UI_PYTHON), "-m", "aigd.ui", "--api", api, "--port", str(port)], env=env,
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "TMPDIR": str(ui_dirs / "tmp"),
+           "GRADIO_TEMP_DIR": str(ui_dirs / "gradio")}
+    env.pop("AIGD_API_KEY", None)
+    proc = subprocess.Popen([str(UI_PYTHON), "-m", "aigd.ui", "--api", api, "--port", str(port),
+                             "--examples", str(ui_dirs / "examples")], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     for _ in range(120):
@@ -163,11 +180,93 @@ def test_score_tab_shows_the_apis_answer_and_its_errors(ui, api, browser, tmp_pa
     print(f"\nscreenshots: {tmp_path}")
 
 
-def test_stability_and_batch_tabs(ui, api, browser, tmp_path):
+def _rgba_png() -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    rgba = np.dstack([np.asarray(_photo(60, size=(196, 168))), np.linspace(0, 255, 196 * 168).reshape(168, 196)])
+    return _bytes(Image.fromarray(rgba.astype(np.uint8), "RGBA"))
+
+
+def _exif_rotated_jpeg() -> bytes:
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: the API turns it upright, as any viewer does
+    return _bytes(_photo(62, size=(224, 168)), "JPEG", quality=92, exif=exif)
+
+
+def test_the_page_scores_exactly_the_uploaded_bytes(ui, api, browser, tmp_path):
+    """Files Gradio would convert and re-save by default (alpha, CMYK, EXIF rotation) get the P(fake)
+    curl gets for the same file: the page sends the user's bytes."""
+    files = {"rgba.png": _rgba_png(), "cmyk.jpg": _bytes(_photo(61, size=(224, 196)).convert("CMYK"), "JPEG", quality=90),
+             "rotated.jpg": _exif_rotated_jpeg()}
+    page, blocked = _offline_page(browser)
+    for name, data in files.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        out = subprocess.run(["curl", "-s", "-F", f"image=@{path}", f"{api}/v1/ensemble"], capture_output=True,
+                             text=True, timeout=60)
+        truth = __import__("json").loads(out.stdout)
+        verdict = _score_in_page(page, ui, path, "Verdict")
+        assert _float(verdict.split("P(fake)")[1]) == pytest.approx(truth["p_fake"], abs=5e-4), name
+    assert not blocked, blocked
+
+
+def test_examples_provenance_and_plain_words(ui, api, browser, ui_dirs, tmp_path):
+    """A held-out sample is one click; the file's provenance is shown apart from the verdict."""
+    from aigd.dev import provenance_files as P
+
+    page, _ = _offline_page(browser, height=1400)
+    page.goto(ui, wait_until="domcontentloaded")
+    page.locator("#score-examples").get_by_role("button").nth(1).click()
+    page.locator("#score-image img").wait_for(timeout=30_000)
+    page.click("#score-button")
+    page.wait_for_selector("#score-verdict :text('Verdict')", timeout=60_000)
+    verdict = page.inner_text("#score-verdict")
+    example = sorted((ui_dirs / "examples").iterdir())[1]
+    truth = requests.post(f"{api}/v1/ensemble", files={"image": ("x", example.read_bytes())}, timeout=60).json()
+    assert _float(verdict.split("P(fake)")[1]) == pytest.approx(truth["p_fake"], abs=5e-4)
+    declared = tmp_path / "generated.png"
+    declared.write_bytes(P.png_with_text(_photo(63), {"parameters": P.A1111_PARAMETERS}))
+    _score_in_page(page, ui, declared, "Verdict")
+    page.wait_for_selector("#score-provenance :text('made by AI')", timeout=30_000)
+    assert "Stable Diffusion web UI" in page.inner_text("#score-provenance")
+    page.screenshot(path=str(tmp_path / "ui-provenance.png"), full_page=True)
+
+
+def test_the_pages_words_for_degraded_and_uncertain_answers():
+    from aigd.ui import verdict_markdown
+
+    base = {"label": "uncertain", "p_fake": 0.5, "threshold": 0.5, "uncertain_band": [0.4, 0.6],
+            "members_used": ["method1"], "members_failed": {"method2": "replica lost"}, "degraded": True,
+            "timing": {"model_ms": 10, "decode_ms": 1}, "request_id": "r1"}
+    text = verdict_markdown(base, 12.0)
+    assert "Degraded answer" in text and "method2 could not answer" in text
+    assert "cannot tell" in text and "not as real" in text
+    calm = verdict_markdown({**base, "label": "fake", "degraded": False, "members_failed": {}}, 12.0)
+    assert "Degraded" not in calm and "cannot tell" not in calm
+
+
+def test_the_page_refuses_to_share_an_api_key_without_a_login():
+    if not UI_PYTHON.exists():
+        pytest.skip(f"{UI_PYTHON} missing")
+    env = {**os.environ, "AIGD_API_KEY": "secret", "GRADIO_ANALYTICS_ENABLED": "False"}
+    env.pop("AIGD_UI_AUTH", None)
+    out = subprocess.run([str(UI_PYTHON), "-m", "aigd.ui", "--host", "0.0.0.0", "--api", "http://127.0.0.1:9"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "refusing to serve on 0.0.0.0" in out.stderr
+
+
+def test_stability_and_batch_tabs(ui, api, browser, ui_dirs, tmp_path):
     image = tmp_path / "photo.jpg"
     image.write_bytes(_bytes(_photo(33, size=(280, 224)), "JPEG", quality=95))
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"not an image at all" * 10)
+    more = []
+    for i in range(5):  # seven files: two batch requests at the API's limit of 5
+        more.append(tmp_path / f"more-{i}.png")
+        more[-1].write_bytes(_bytes(_photo(70 + i)))
     page, _ = _offline_page(browser, height=1400)
     page.goto(ui, wait_until="domcontentloaded")
     page.get_by_role("tab", name="Stability").click()
@@ -180,13 +279,17 @@ def test_stability_and_batch_tabs(ui, api, browser, tmp_path):
         == ["original", "JPEG q95", "JPEG q75", "JPEG q50", "JPEG q30", "downscaled 1/2"]
     page.screenshot(path=str(tmp_path / "ui-stability.png"), full_page=True)
     page.get_by_role("tab", name="Batch").click()
-    page.locator("#batch-files input[type=file]").set_input_files([str(image), str(junk)])
+    page.locator("#batch-files input[type=file]").set_input_files([str(image), str(junk), *map(str, more)])
     page.click("#batch-button")
-    page.wait_for_selector("#batch-note :text('files scored')", timeout=60_000)
+    page.wait_for_selector("#batch-note :text('7 files scored.')", timeout=90_000)
     table = page.inner_text("#batch-table")
-    assert "photo.jpg" in table and "junk.png" in table and "415" in table
+    assert "photo.jpg" in table and "junk.png" in table and "415" in table and "more-4.png" in table
     truth = requests.post(f"{api}/v1/ensemble", files={"image": ("p", image.read_bytes())}, timeout=60).json()
     assert f"{truth['p_fake']:.4f}".rstrip("0") in table
+    # answered uploads are deleted, and the page's own CSV folder is gone (Gradio keeps its copy until delete_cache)
+    kept = [p.name for p in (ui_dirs / "gradio").rglob("*") if p.is_file() and p.name.startswith("more-")]
+    assert kept == [], kept
+    assert [p for p in (ui_dirs / "tmp").iterdir() if p.name.startswith("aigd-ui-")] == []
 
 
 def test_docs_render_offline(api, browser, tmp_path):
@@ -210,6 +313,11 @@ def test_openapi_declares_bodies_answers_and_errors(api):
     assert {"200", "400", "404", "413", "415", "422", "503"} <= set(detect["responses"])
     adapter = next(p for p in detect["parameters"] if p["name"] == "adapter")
     assert adapter["schema"]["enum"] == ["method1", "method2"]
+    batch = doc["paths"]["/v1/detect/batch"]["post"]["requestBody"]["content"]
+    assert batch["multipart/form-data"]["schema"]["properties"]["image"]["maxItems"] == 5  # request.max_batch_images
+    assert batch["application/json"]["schema"]["properties"]["images"]["maxItems"] == 5
+    models = doc["paths"]["/v1/models"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert models["$ref"].endswith("/ModelsAnswer")
     err = detect["responses"]["415"]["content"]["application/json"]["schema"]["$ref"]
     assert err.endswith("/ErrorBody")
     # the JSON-base64 way a generated client would send it

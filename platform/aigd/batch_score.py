@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from aigd.config import DecodeLimits, ScoringConfig
 from aigd.errors import AigdError
+from aigd.provenance import TABLE_COLUMNS, origin, table_columns
 from aigd.sources import count_images, iter_images
 
 SUFFIXES = (".parquet", ".jsonl")
@@ -28,20 +29,23 @@ class OutputError(ValueError):
     """An output path rows cannot be written to."""
 
 
-def row(img_id: str, answer: dict | None, names: list[str], error: str | None = None) -> dict:
-    """Flat columns: the final answer (ensemble when there are several members) and each member's P(fake)."""
+def row(img_id: str, answer: dict | None, names: list[str], error: str | None = None, traced: dict | None = None) -> dict:
+    """Flat columns: the final answer (ensemble when there are several members), each member's
+    P(fake), and what traces the image (its SHA-256, what it declares: aigd.provenance)."""
+    traced = table_columns(traced)
     if answer is None:
         return {"id": img_id, "error": error, "p_fake": None, "label": None, "threshold": None,
-                **{f"p_fake_{n}": None for n in names}}
+                **{f"p_fake_{n}": None for n in names}, **traced}
     members = answer.get("members", {answer["adapter"]: answer})
     return {"id": img_id, "error": None, "p_fake": answer["p_fake"], "label": answer["label"],
-            "threshold": answer["threshold"], **{f"p_fake_{n}": members[n]["p_fake"] for n in names}}
+            "threshold": answer["threshold"], **{f"p_fake_{n}": members[n]["p_fake"] for n in names}, **traced}
 
 
 def row_schema(names: list[str]) -> pa.Schema:
     """Declared up front: a chunk whose images all failed has only nulls to infer types from."""
     return pa.schema([("id", pa.string()), ("error", pa.string()), ("p_fake", pa.float64()), ("label", pa.string()),
-                      ("threshold", pa.float64()), *[(f"p_fake_{n}", pa.float64()) for n in names]])
+                      ("threshold", pa.float64()), *[(f"p_fake_{n}", pa.float64()) for n in names],
+                      *[(c, pa.string()) for c in TABLE_COLUMNS]])
 
 
 def check_out(out: str) -> Path:
@@ -112,16 +116,17 @@ def chunks(items, size: int):
 def score_chunk(scorer, cfg: ScoringConfig, chunk: list[tuple[str, bytes | None]], names: list[str]) -> list[dict]:
     """The chunk's rows in input order, its readable images scored in one batch."""
     limits = DecodeLimits.preset("batch")
-    prepared, errors = {}, {}
+    prepared, errors, traced = {}, {}, {}
     for i, (img_id, data) in enumerate(chunk):
         try:
             if data is None:
                 raise AigdError("no image bytes")
+            traced[i] = origin(data, cfg.provenance)
             prepared[i] = scorer.prepare(data, limits)
         except AigdError as e:
             errors[i] = f"{e.code}: {e}"
     answers = dict(zip(prepared, scorer.answers(list(prepared.values()), cfg.ensemble))) if prepared else {}
-    return [row(img_id, answers.get(i), names, errors.get(i)) for i, (img_id, _) in enumerate(chunk)]
+    return [row(img_id, answers.get(i), names, errors.get(i), traced.get(i)) for i, (img_id, _) in enumerate(chunk)]
 
 
 def score_path(cfg: ScoringConfig, path: str, out: str, batch_size: int = 16) -> dict:

@@ -98,6 +98,7 @@ def _error(code: str, message: str) -> dict:
 
 def _local_answers(args):
     """(image, answer or error) per file, from a Scorer in this process."""
+    from aigd.provenance import origin
     from aigd.scorer import Scorer
 
     cfg = scoring_config(args.adapter, args.model, args.build_tiny)
@@ -105,7 +106,9 @@ def _local_answers(args):
     limits = C.DecodeLimits.preset("batch")
     for path in args.images:
         try:
-            yield path, scorer.answers([scorer.prepare(Path(path).read_bytes(), limits)], cfg.ensemble)[0]
+            data = Path(path).read_bytes()
+            answer = scorer.answers([scorer.prepare(data, limits)], cfg.ensemble)[0]
+            yield path, {**answer, **origin(data, cfg.provenance)}
         except (AigdError, OSError) as e:
             yield path, _error(getattr(e, "code", "unreadable"), str(e))
 

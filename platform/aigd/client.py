@@ -59,3 +59,9 @@ class Client:
 
     def models(self) -> dict:
         return self._call("GET", "/v1/models")
+
+    def max_batch_images(self) -> int:
+        """Images one batch request may carry: the deployment's limit, from its OpenAPI document."""
+        doc = self._call("GET", "/openapi.json")
+        body = doc["paths"]["/v1/detect/batch"]["post"]["requestBody"]["content"]["multipart/form-data"]
+        return int(body["schema"]["properties"]["image"]["maxItems"])

@@ -295,6 +295,28 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class ProvenanceConfig:
+    """What an image file declares about its origin (aigd.provenance): read beside every score, never
+    used in it. Metadata can be stripped or forged; its absence means nothing."""
+
+    enabled: bool = True  # false: answers carry no provenance block
+    timeout_s: float = 2.0  # the API: seconds to read it; then the block says so and the image is scored anyway
+    max_segments: int = 1000  # metadata segments / chunks walked before the image data (JPEG, PNG, WebP)
+    max_xmp_kb: int = 512  # an XMP packet above this is not parsed
+    max_text_chunks: int = 64  # PNG text chunks read (tEXt, zTXt, iTXt)
+    max_text_kb: int = 256  # a text chunk's bytes after decompression
+    max_c2pa_kb: int = 4096  # a C2PA manifest store (JUMBF) above this is not read
+    include_generator_text: bool = False  # true: generator_text also carries the tool's text (often the prompt)
+    # PEM file of C2PA trust anchors; set, a manifest signed under one of them reads `Trusted` instead of `Valid`
+    c2pa_trust_anchors: str = ""
+
+    def validate(self) -> None:
+        if self.timeout_s <= 0 or min(self.max_segments, self.max_xmp_kb, self.max_text_chunks, self.max_text_kb,
+                                      self.max_c2pa_kb) < 1:
+            raise ConfigError("provenance: timeout_s must be > 0 and every max_* >= 1")
+
+
+@dataclass(frozen=True)
 class ScoringConfig:
     """What scoring needs, shared by serving, evaluation, batch scoring and `aigd score`."""
 
@@ -303,6 +325,7 @@ class ScoringConfig:
     adapters: dict[str, str] = field(default_factory=dict)  # name -> registry entry (its newest version) or version folder
     thresholds: dict[str, float] = field(default_factory=dict)  # name -> decision threshold (default: manifest)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)  # how the adapters' answers are combined
+    provenance: ProvenanceConfig = field(default_factory=ProvenanceConfig)  # what the file declares, beside the score
 
     def validate(self) -> None:
         if not self.adapters:

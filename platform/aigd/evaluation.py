@@ -11,12 +11,13 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from aigd.config import PERTURBATION, DataConfig, DecodeLimits, EvalConfig, ImagePolicy, from_dict
+from aigd.config import PERTURBATION, DataConfig, DecodeLimits, EvalConfig, ImagePolicy, ProvenanceConfig, from_dict
 from aigd.decision import ENSEMBLE, Rule, ensemble, p_fake
 from aigd.errors import AigdError
 from aigd.images import jpeg, sniff
 from aigd.metrics import binary_metrics, bootstrap_cis, ece, fit_calibration
 from aigd.image_view import views
+from aigd.provenance import TABLE_COLUMNS, origin, table_columns
 from aigd.scorer import Scorer
 from aigd.sources import image_bytes, with_images
 
@@ -53,13 +54,15 @@ def perturb(img: Image.Image, name: str) -> Image.Image:
 # --------------------------------------------------------------------------- Ray Data stages
 
 
-def expand(batch: dict, perturbations: list[str], policy: ImagePolicy, max_pixels: int) -> dict:
+def expand(batch: dict, perturbations: list[str], policy: ImagePolicy, max_pixels: int,
+           provenance: ProvenanceConfig = ProvenanceConfig()) -> dict:
     """One prepared (policy-sized) uint8 array per image and perturbation, through `aigd.image_view`
     under the batch scorer's limits: clean is exactly what the API would score, every perturbation
     starts from one full decode, and an image the API would refuse is skipped (counted by the caller
     as rows in minus rows out)."""
     groups = [k for k in batch if k.startswith(GROUP)]
-    out = {k: [] for k in ("img_id", "label", "perturbation", "pixels", "width", "height", "format", *groups)}
+    out = {k: [] for k in ("img_id", "label", "perturbation", "pixels", "width", "height", "format", *groups,
+                           *TABLE_COLUMNS)}
     limits = DecodeLimits.preset("batch", max_pixels)
     for i, data in enumerate(image_bytes(batch["image"])):
         try:
@@ -68,6 +71,7 @@ def expand(batch: dict, perturbations: list[str], policy: ImagePolicy, max_pixel
             fmt = sniff(data)
         except AigdError:
             continue
+        traced = table_columns(origin(data, provenance))
         for name, pixels in prepared.items():
             out["img_id"].append(str(batch["img_id"][i]))
             out["label"].append(int(batch["label"][i]))
@@ -78,15 +82,18 @@ def expand(batch: dict, perturbations: list[str], policy: ImagePolicy, max_pixel
             out["format"].append(fmt)
             for k in groups:
                 out[k].append(str(batch[k][i]))
+            for k, v in traced.items():
+                out[k].append(v)
     return out
 
 
-def expand_block(rows, cfg: DataConfig, files: list[str], perturbations: list[str], policy: ImagePolicy) -> dict:
+def expand_block(rows, cfg: DataConfig, files: list[str], perturbations: list[str], policy: ImagePolicy,
+                 provenance: ProvenanceConfig = ProvenanceConfig()) -> dict:
     """`expand` for a block of planned rows (aigd.data.planned_rows): reads their images first."""
     table = with_images(cfg, files, rows)
     keys = ("img_id", "image", "label", "width", "height", *(k for k in table.column_names if k.startswith(GROUP)))
     batch = {k: table.column(k).to_pylist() for k in keys}
-    return expand(batch, perturbations, policy, cfg.max_image_pixels)
+    return expand(batch, perturbations, policy, cfg.max_image_pixels, provenance)
 
 
 class ScoringActor:
@@ -135,7 +142,7 @@ def probabilities(scores: dict, cfg: EvalConfig) -> dict[str, tuple]:
 
 def predictions(scores: dict, cfg: EvalConfig) -> dict:
     """One row per image and perturbation: P(fake) and label per member and for the ensemble."""
-    out = {k: np.asarray(scores[k]) for k in ("img_id", "label", "perturbation")}
+    out = {k: np.asarray(scores[k]) for k in ("img_id", "label", "perturbation", *TABLE_COLUMNS)}
     out.update({col: np.asarray(scores[GROUP + col]) for col in cfg.group_by})
     for name, (p, rule) in probabilities(scores, cfg).items():
         out[f"p_fake_{name}"], out[f"label_{name}"] = p, rule.label(p)

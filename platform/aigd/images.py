@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import io
 import logging
+import struct
 import warnings
+import zlib
 from typing import Callable
 
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageOps
 
 from aigd.config import DecodeLimits
@@ -42,14 +45,76 @@ def sniff(data: bytes) -> str:
     raise UnsupportedMediaType("not a JPEG, PNG, WebP, BMP or GIF image (checked by content)")
 
 
-def _png_chunks_within(data: bytes, limit: int) -> bool:
-    pos, n = 8, 0
+def png_chunks(data: bytes):
+    """(type, payload) of each PNG chunk, lazily, up to IEND or the end of the data."""
+    pos = 8
     while pos + 8 <= len(data):
-        n += 1
-        if n > limit:
-            return False
-        pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
-    return True
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        kind = data[pos + 4:pos + 8]
+        yield kind, data[pos + 8:pos + 8 + length]
+        if kind == b"IEND":
+            return
+        pos += 12 + length
+
+
+_PNG_TEXT = (b"tEXt", b"zTXt", b"iTXt")
+
+
+def png_without_text(data: bytes) -> bytes:
+    """The PNG minus its text chunks, which never change a pixel: Pillow inflates and keeps every
+    one of them and refuses the whole file over a 1 MB one (a 10 MB XMP packet, a zTXt bomb), while
+    the metadata is aigd.provenance's business, read under its own limits."""
+    if not any(kind in _PNG_TEXT for kind, _ in png_chunks(data)):
+        return data
+    kept = [data[:8]]
+    for kind, payload in png_chunks(data):
+        if kind not in _PNG_TEXT:
+            kept.append(len(payload).to_bytes(4, "big") + kind + payload + zlib.crc32(kind + payload).to_bytes(4, "big"))
+    return b"".join(kept)
+
+
+def _png_chunks_within(data: bytes, limit: int) -> bool:
+    return all(n < limit for n, _ in enumerate(png_chunks(data)))
+
+
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def _png_raw_size(ihdr: bytes) -> int:
+    """Bytes the IDAT stream must inflate to: per row a filter byte and the packed pixels."""
+    w, h, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", ihdr[:13])
+    bits = depth * _PNG_CHANNELS.get(colour, 4)
+    passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
+    total = 0
+    for x0, y0, dx, dy in passes:
+        pw, ph = -(-(w - x0) // dx) if w > x0 else 0, -(-(h - y0) // dy) if h > y0 else 0
+        total += ph * (1 + -(-pw * bits // 8)) if pw else 0
+    return total
+
+
+def check_png_stream(data: bytes) -> None:
+    """The IDAT stream inflates to every row the header declares, or CorruptImage: Pillow stops
+    quietly where a valid zlib stream ends and leaves the missing rows black. Inflated in bounded
+    pieces, so memory stays small whatever the stream claims."""
+    chunks = png_chunks(data)
+    ihdr = next((payload for kind, payload in chunks if kind == b"IHDR"), b"")
+    need, got = _png_raw_size(ihdr) if len(ihdr) >= 13 else 0, 0
+    inflate = zlib.decompressobj()
+    try:
+        for kind, payload in chunks:
+            if kind != b"IDAT":
+                continue
+            piece = payload
+            while piece and got < need and not inflate.eof:
+                got += len(inflate.decompress(piece, 1 << 20))
+                piece = inflate.unconsumed_tail
+            if got >= need or inflate.eof:
+                break
+    except zlib.error:
+        pass
+    if got < need:
+        raise CorruptImage(f"the PNG's pixel data ends after {got} of {need} bytes")
 
 
 def check_structure(data: bytes, fmt: str, limits: DecodeLimits) -> None:
@@ -64,6 +129,8 @@ def open_header(data: bytes, limits: DecodeLimits) -> Image.Image:
     """Open lazily (header only) and enforce the structure and geometry limits."""
     fmt = sniff(data)
     check_structure(data, fmt, limits)
+    if fmt == "PNG":
+        data = png_without_text(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -139,11 +206,34 @@ def jpeg(img: Image.Image, quality: int) -> Image.Image:
 
 _TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
+# libjpeg recovers from these by inventing pixels (grey or repeated blocks) and only warns, which
+# Pillow never reports: a header declaring more pixels than the scan holds, a cut stream, garbage
+# in the entropy data. The other warnings (extraneous bytes, an unknown JFIF revision, a bad ICC
+# marker) are common in real cameras' files and cost no pixels.
+_JPEG_PIXELS_MISSING = ("premature end", "bad huffman code", "bad arithmetic code", "instead of rst",
+                        "inconsistent progression")
+
+
+def check_jpeg_scan(data: bytes) -> None:
+    """Every pixel of a JPEG comes from its scan data, or CorruptImage. Entropy decoding runs at
+    the smallest DCT scale (1/8) with libjpeg-turbo stopping on the first warning."""
+    try:
+        simplejpeg.decode_jpeg(data, strict=True, min_height=1, min_width=1, min_factor=8)
+    except ValueError as e:
+        reason = str(e).lower()
+        if any(m in reason for m in _JPEG_PIXELS_MISSING):
+            log.info("JPEG with missing pixel data: %s", e)
+            raise CorruptImage("the JPEG's pixel data is truncated or corrupt") from None
+        log.info("JPEG warning that costs no pixels (accepted): %s", e)
+
 
 def _orientation(img: Image.Image) -> int:
+    """Called after load() only, or on a JPEG (whose EXIF is in the header): a PNG's getexif()
+    loads the pixels to find a late eXIf chunk, and a decode error swallowed there once left a
+    half-decoded image that the next load() took for complete."""
     try:
         return int(img.getexif().get(0x0112, 1))
-    except Exception:
+    except Exception:  # EXIF Pillow cannot parse: the image is as stored
         return 1
 
 
@@ -163,21 +253,27 @@ def decode(data: bytes, limits: DecodeLimits = DecodeLimits(),
     the image policy's): the image is then returned at exactly that size, decoded on the way at the
     smallest JPEG DCT scale, or box-reduced by the largest integer factor, that stays above it."""
     img = open_header(data, limits)
+    if img.format == "JPEG":
+        check_jpeg_scan(data)
+    elif img.format == "PNG":
+        check_png_stream(data)
+    w, h = img.size  # as declared: a JPEG's draft() changes img.size
     try:
-        size = None
-        if model_size is not None:
-            w, h = img.size
+        def sizes() -> tuple[tuple[int, int], tuple[int, int]]:
+            """The model's (w, h), and the same as stored (before EXIF orientation)."""
             transposed = _orientation(img) in _TRANSPOSED
             size = model_size(*((h, w) if transposed else (w, h)))
-            stored = (size[1], size[0]) if transposed else size
-            if img.format == "JPEG":
-                img.draft("RGB", stored)
+            return size, ((size[1], size[0]) if transposed else size)
+
+        if model_size is not None and img.format == "JPEG":
+            img.draft("RGB", sizes()[1])
         img.seek(0)
         img.load()
-        if size is not None:
-            img = _shrink(img, stored)
-        img = to_rgb(_upright(img))
-        return img if size is None or img.size == size else img.resize(size, Image.Resampling.BICUBIC)
+        if model_size is None:
+            return to_rgb(_upright(img))
+        size, stored = sizes()
+        img = to_rgb(_upright(_shrink(img, stored)))
+        return img if img.size == size else img.resize(size, Image.Resampling.BICUBIC)
     except MemoryError:
         raise ImageTooLarge("not enough memory to decode this image") from None
     except Exception as e:  # Pillow's decoders raise many types (OSError, ValueError, struct.error, ...)

@@ -20,6 +20,7 @@ import base64
 import csv
 import io
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -39,13 +40,46 @@ def _band(answer: dict) -> str:
 
 
 def verdict_markdown(answer: dict, latency_ms: float) -> str:
-    degraded = (f"  \n**Degraded**: answered without {', '.join(answer['members_failed'])}"
-                if answer.get("degraded") else "")
-    return (f"## Verdict: **{answer['label'].upper()}**\n"
+    return (f"## Verdict: **{answer['label'].upper()}**\n{_plain_words(answer)}"
             f"Ensemble P(fake) **{answer['p_fake']:.3f}** · threshold {answer['threshold']:.3f} · "
-            f"uncertain band {_band(answer)} · members {', '.join(answer['members_used'])}{degraded}  \n"
+            f"uncertain band {_band(answer)} · members {', '.join(answer['members_used'])}  \n"
             f"Latency {latency_ms:.0f} ms round trip (model {answer['timing']['model_ms']:.0f} ms, "
-            f"decode {answer['timing']['decode_ms']:.0f} ms)")
+            f"decode {answer['timing']['decode_ms']:.0f} ms) · request `{answer.get('request_id', '')}`")
+
+
+def _plain_words(answer: dict) -> str:
+    """What a person should take from the answer, before the figures."""
+    lines = []
+    if answer.get("degraded"):
+        failed = ", ".join(answer["members_failed"])
+        lines.append(f"> ⚠️ **Degraded answer**: {failed} could not answer, so this verdict comes from "
+                     f"{', '.join(answer['members_used'])} alone. Try again before acting on it.")
+    if answer["label"] == "uncertain":
+        lines.append("> **Uncertain** means the detector cannot tell: P(fake) fell inside the band where its answers "
+                     "are unreliable. Treat this image as unknown, not as real.")
+    return "".join(line + "\n\n" for line in lines)
+
+
+PROVENANCE_WORDS = {"ai": "says it was **made by AI**", "edited": "says it was **edited**",
+                    "camera": "says it came from a **camera**", "none": "says **nothing** about its origin"}
+
+
+def provenance_markdown(answer: dict) -> str:
+    """The file's own declarations, kept apart from the verdict: metadata can be stripped or forged."""
+    block = answer.get("provenance")
+    if not block:
+        return ""
+    lines = [f"**Provenance**: the file's metadata {PROVENANCE_WORDS[block['declared']]}. It is not part of "
+             "the score: metadata can be stripped or forged, and its absence means nothing."]
+    lines += [f"- {e}" for e in block["evidence"]]
+    c2pa = block.get("c2pa") or {}
+    if c2pa.get("present"):
+        signer = ", ".join(filter(None, (c2pa.get("signer"), c2pa.get("issuer")))) or "unknown signer"
+        lines.append(f"- Content Credentials (C2PA): {c2pa.get('validation_state') or 'unreadable'}, "
+                     f"signed by {signer}, made with {c2pa.get('claim_generator') or 'an unnamed tool'}")
+    if block.get("error"):
+        lines.append(f"- Not read: {block['error']}")
+    return "\n".join(lines)
 
 
 def box_text(b: dict) -> str:
@@ -62,11 +96,9 @@ def evidence_markdown(explanation: dict) -> str:
             "outlined")
 
 
-def overlay_file(answer: dict) -> str:
-    """The API's overlay PNG, byte for byte, as a file the page shows."""
-    out = Path(tempfile.mkdtemp(prefix="aigd-ui-")) / "evidence.png"
-    out.write_bytes(base64.b64decode(answer["explanation"]["overlay_png_base64"]))
-    return str(out)
+def overlay_image(answer: dict) -> Image.Image:
+    """The API's overlay PNG, pixel for pixel (the page shows it as PNG)."""
+    return Image.open(io.BytesIO(base64.b64decode(answer["explanation"]["overlay_png_base64"])))
 
 
 def member_rows(answer: dict) -> list[list]:
@@ -78,8 +110,14 @@ def member_rows(answer: dict) -> list[list]:
 MEMBER_COLUMNS = ["adapter", "P(fake)", "label", "threshold", "uncertain band", "version"]
 
 
+# The copies are decoded here, in the page's process: only images the API would decode at all.
+MAX_VARIANT_PIXELS = 40_000_000
+
+
 def variants(data: bytes) -> list[tuple[str, bytes]]:
     img = Image.open(io.BytesIO(data))
+    if img.width * img.height > MAX_VARIANT_PIXELS:
+        raise ValueError(f"{img.width}x{img.height} is too large to re-encode here")
     img.load()
     img = img.convert("RGB")
     out = []
@@ -107,32 +145,48 @@ def batch_table(names: list[str], answer: dict, members: list[str]) -> list[list
     return rows
 
 
-def build(client: Client, members: list[str]):
+def build(client: Client, members: list[str], examples: list[str] = (), per_call: int = 16,
+          keep_uploads_s: int = 300):
+    """The page. `per_call`: images per batch request (the API's limit); uploads and the files the page
+    writes are deleted `keep_uploads_s` after they were made."""
     import gradio as gr
 
     def score(path, explain):
         if not path:
-            return "Upload an image first.", [], None
+            return "Upload an image first.", [], None, ""
         t0 = time.perf_counter()
         try:
             call = client.explain if explain else client.score
             answer = call(Path(path).name, Path(path).read_bytes())
         except ApiError as e:
-            return f"**{e}**", [], None
+            return f"**{e}**", [], None, ""
+        except FileNotFoundError:
+            return "The upload has been deleted (uploads are not kept); upload it again.", [], None, ""
+        if answer.get("degraded"):
+            gr.Warning("Degraded answer: an ensemble member failed")
         text = verdict_markdown(answer, (time.perf_counter() - t0) * 1000)
+        origin = provenance_markdown(answer)
         if not explain:
-            return text, member_rows(answer), None
-        return text + "  \n" + evidence_markdown(answer["explanation"]), member_rows(answer), overlay_file(answer)
+            return text, member_rows(answer), None, origin
+        return (text + "  \n" + evidence_markdown(answer["explanation"]), member_rows(answer), overlay_image(answer),
+                origin)
+
+    def ask(items: list[tuple[str, bytes]]) -> dict:
+        """One batch answer for any number of images, in requests of the API's size."""
+        results = []
+        for start in range(0, len(items), per_call):
+            results += client.batch(items[start:start + per_call])["results"]
+        return {"results": results}
 
     def stability(path):
         if not path:
             return "Upload an image first.", [], None
         try:
             items = variants(Path(path).read_bytes())
-            answer = client.batch(items)
+            answer = ask(items)
         except ApiError as e:
             return f"**{e}**", [], None
-        except Exception as e:  # an image the client itself cannot open to re-encode
+        except Exception as e:  # an image the page cannot open to re-encode
             return f"**cannot re-encode this file: {type(e).__name__}**", [], None
         rows = batch_table([n for n, _ in items], answer, members)
         labels = {r[-2] for r in rows if r[-2] != "error"}
@@ -142,52 +196,72 @@ def build(client: Client, members: list[str]):
         return note, rows, _stability_plot(rows)
 
     def batch(paths):
+        """Streams: a request of `per_call` files at a time, read from disk only then, the table
+        growing as answers come; each file deleted once answered; the CSV last."""
         if not paths:
-            return "Upload files first.", [], None
-        files = [(Path(p).name, Path(p).read_bytes()) for p in paths]
-        rows = []
+            yield "Upload files first.", [], None
+            return
+        rows, folder = [], Path(tempfile.mkdtemp(prefix="aigd-ui-"))
         try:
-            for i in range(0, len(files), 16):  # the API's default max_batch_images
-                chunk = files[i:i + 16]
-                rows += batch_table([n for n, _ in chunk], client.batch(chunk), members)
-        except ApiError as e:
-            return f"**{e}**", rows, None
-        out = Path(tempfile.mkdtemp(prefix="aigd-ui-")) / "aigd-batch.csv"
-        with out.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(batch_columns(members))
-            writer.writerows(rows)
-        return f"{len(rows)} files scored.", rows, str(out)
+            for start in range(0, len(paths), per_call):
+                chunk = paths[start:start + per_call]
+                items = [(Path(p).name, Path(p).read_bytes()) for p in chunk]
+                try:
+                    answer = client.batch(items)
+                except ApiError as e:
+                    yield f"**{e}** (after {len(rows)} of {len(paths)} files)", rows, None
+                    return
+                rows += batch_table([n for n, _ in items], answer, members)
+                for p in chunk:
+                    Path(p).unlink(missing_ok=True)
+                yield f"{len(rows)} of {len(paths)} files scored…", rows, None
+            out = folder / "aigd-batch.csv"
+            with out.open("w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(batch_columns(members))
+                writer.writerows(rows)
+            yield f"{len(rows)} files scored.", rows, str(out)
+        finally:  # Gradio has copied the CSV into its own cache (deleted by delete_cache) before this runs
+            shutil.rmtree(folder, ignore_errors=True)
 
-    with gr.Blocks(title="aigd: real photo or AI-generated?") as demo:
-        gr.Markdown(f"# Real photo or AI-generated?\nAnswers from the detector API at `{client.api}`.")
+    # Every upload sent as the user's bytes (image_mode=None): Gradio's default converts non-RGB files to
+    # RGB and re-saves them (alpha dropped, CMYK re-encoded, EXIF rotation applied) before the API sees them.
+    with gr.Blocks(title="aigd: real photo or AI-generated?", delete_cache=(60, keep_uploads_s)) as demo:
+        gr.Markdown(f"# Real photo or AI-generated?\nAnswers from the detector API at `{client.api}`. Uploads and "
+                    f"results are deleted within {keep_uploads_s // 60 + 1} minutes.")
         with gr.Tab("Score"):
-            image = gr.Image(type="filepath", label="Image (upload, paste or drop)", sources=["upload", "clipboard"],
-                             elem_id="score-image")
+            image = gr.Image(type="filepath", image_mode=None, label="Image (upload, paste or drop)",
+                             sources=["upload", "clipboard"], elem_id="score-image")
+            if examples:
+                gr.Examples(examples=[[e] for e in examples], inputs=image, label="Held-out samples (the file name "
+                            "says the truth)", elem_id="score-examples")
             explain = gr.Checkbox(label="Show where the evidence is (slower: several passes of the model)",
                                   elem_id="score-explain")
             go = gr.Button("Score", variant="primary", elem_id="score-button")
             with gr.Row():
                 verdict = gr.Markdown(elem_id="score-verdict")
-                overlay = gr.Image(type="filepath", format="png", label="Where the evidence for fake is (the "
+                overlay = gr.Image(type="pil", format="png", label="Where the evidence for fake is (the "
                                    "model's view; brighter = more)", interactive=False, elem_id="score-overlay")
             table = gr.Dataframe(headers=MEMBER_COLUMNS, label="Per adapter", elem_id="score-members")
-            go.click(score, [image, explain], [verdict, table, overlay])
+            origin = gr.Markdown(elem_id="score-provenance")
+            go.click(score, [image, explain], [verdict, table, overlay, origin], concurrency_limit=8)
         with gr.Tab("Stability"):
-            s_image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"], elem_id="stab-image")
+            s_image = gr.Image(type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"],
+                               elem_id="stab-image")
             s_go = gr.Button("Score the re-compressed copies", variant="primary", elem_id="stab-button")
             s_note = gr.Markdown(elem_id="stab-note")
             s_table = gr.Dataframe(headers=batch_columns(members, first="copy"), label="Copies", elem_id="stab-table")
             s_plot = gr.BarPlot(x="copy", y="P(fake)", color="label", y_lim=[0, 1], sort=[n for n, _ in VARIANTS],
                                 label="Ensemble P(fake) per copy")
-            s_go.click(stability, s_image, [s_note, s_table, s_plot])
+            s_go.click(stability, s_image, [s_note, s_table, s_plot], concurrency_limit=4)
         with gr.Tab("Batch"):
             files = gr.File(file_count="multiple", label="Images", elem_id="batch-files")
             b_go = gr.Button("Score all", variant="primary", elem_id="batch-button")
             b_note = gr.Markdown(elem_id="batch-note")
             b_table = gr.Dataframe(headers=batch_columns(members), label="Results", elem_id="batch-table")
             b_csv = gr.File(label="CSV", elem_id="batch-csv")
-            b_go.click(batch, files, [b_note, b_table, b_csv])
+            # Two batches at once at most: a 500-file batch never holds up the Score tab (its own limit).
+            b_go.click(batch, files, [b_note, b_table, b_csv], concurrency_limit=2)
     return demo
 
 
@@ -202,18 +276,36 @@ def _stability_plot(rows: list[list]):
     return pd.DataFrame({"copy": [r[0] for r in ok], "P(fake)": [r[-3] for r in ok], "label": [r[-2] for r in ok]})
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def check_exposure(host: str, api_key: str | None, auth: tuple[str, str] | None) -> None:
+    """A page that holds an API key is that key for whoever reaches it: beyond loopback, only with a login."""
+    if host not in LOOPBACK and api_key and not auth:
+        raise SystemExit(f"refusing to serve on {host}: this page holds an API key, so anyone who can reach it "
+                         "could use the API; set a login for the page (--auth-env, 'user:password') or bind to "
+                         "127.0.0.1")
+
+
 def serve_ui(api: str, host: str = "127.0.0.1", port: int = 7860, api_key_env: str = API_KEY_ENV,
-             block: bool = True):
+             block: bool = True, examples_dir: str | None = None, auth_env: str = "AIGD_UI_AUTH",
+             max_file_mb: int = 20):
     """Start the page; its members are the API's ensemble members (asked once, from /v1/models)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    auth = tuple(os.environ[auth_env].split(":", 1)) if ":" in os.environ.get(auth_env, "") else None
+    check_exposure(host, os.environ.get(api_key_env), auth)
     client = Client(api, os.environ.get(api_key_env))
     try:
         members = list(client.models()["ensemble"]["members"])
+        per_call = client.max_batch_images()
     except (ApiError, KeyError, TypeError) as e:
         raise SystemExit(f"the API at {api} did not describe its models ({e}); start it "
                          "first (make serve-demo)") from None
-    demo = build(client, members)
-    demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, share=False, show_error=False)
+    examples = sorted(str(p) for p in Path(examples_dir).glob("*") if p.is_file()) if examples_dir else []
+    demo = build(client, members, examples, per_call)
+    demo.queue(default_concurrency_limit=4)
+    demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, share=False, show_error=False,
+                auth=auth, max_file_size=f"{max_file_mb}mb")
     return demo
 
 
@@ -225,8 +317,14 @@ def main(argv=None) -> None:
     ap.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless you mean to share it)")
     ap.add_argument("--port", type=int, default=7860)
     ap.add_argument("--api-key-env", default=API_KEY_ENV, help="env var holding the API key, if the API wants one")
+    ap.add_argument("--auth-env", default="AIGD_UI_AUTH", help="env var holding the page's own login, user:password "
+                                                               "(required beyond loopback when an API key is set)")
+    ap.add_argument("--examples", help="a folder of images offered as clickable examples (make ui: the demo's "
+                                       "held-out samples)")
+    ap.add_argument("--max-file-mb", type=int, default=20, help="largest upload accepted, in MB")
     args = ap.parse_args(argv)
-    serve_ui(args.api, args.host, args.port, args.api_key_env)
+    serve_ui(args.api, args.host, args.port, args.api_key_env, examples_dir=args.examples, auth_env=args.auth_env,
+             max_file_mb=args.max_file_mb)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from PIL import Image
 
 from aigd.config import DataConfig, DemoDataConfig, ZooConfig, to_dict
 from aigd.dev import zoo
+from aigd.dev.provenance_files import declare
 from aigd.dev.zoo import MARGIN, TRAINED, resample
 from aigd.images import decode
 from aigd.sampling import split_of as data_split
@@ -124,8 +125,8 @@ BAD_KINDS = ("truncated", "garbage", "empty", "png_header_bomb", "jpeg_scan_bomb
 
 
 def bad_bytes(kind: str, img: Image.Image, data: bytes, rng: np.random.Generator) -> bytes:
-    if kind == "truncated":
-        return data[: len(data) // 3]
+    if kind == "truncated":  # cut mid-scan, the JPEG end marker kept: libjpeg only warns on it
+        return data[: len(data) // 3] + (b"\xff\xd9" if data.startswith(b"\xff\xd8") else b"")
     if kind == "garbage":
         return rng.bytes(2000)
     if kind == "empty":
@@ -278,10 +279,18 @@ def write_samples(rows: list[dict], folder: Path, cfg: DemoDataConfig, per_class
             by_family.setdefault(r["generator"], []).append(r)
         # one of each family in turn, so the samples show every generator
         spread = [r for group in zip(*by_family.values()) for r in group] or picked
+        files = {}
         for r in spread[:per_class]:
-            ext = "jpg" if r["image"]["bytes"][:3] == b"\xff\xd8\xff" else "png"
+            data = r["image"]["bytes"]
+            ext = "jpg" if data[:3] == b"\xff\xd8\xff" else "png"
             family = "" if label == 0 else f"{r['generator']}-"
-            (folder / f"{name}-{family}{r['img_id'].replace('/', '-')}.{ext}").write_bytes(r["image"]["bytes"])
+            files[f"{name}-{family}{r['img_id'].replace('/', '-')}.{ext}"] = data
+        # what the first files (by name) declare, pixels untouched, so the answers' provenance block has
+        # something to show: a signed C2PA manifest, a web UI's parameters, camera EXIF
+        declarations = ["c2pa", "generator_text"] if label == 1 else ["camera"]
+        for i, file in enumerate(sorted(files)):
+            data = declare(files[file], declarations[i]) if i < len(declarations) else files[file]
+            (folder / file).write_bytes(data)
 
 
 def _schema():

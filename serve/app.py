@@ -217,7 +217,8 @@ class Router:
             except Exception as e:
                 if not isinstance(e, AigdError):
                     log.exception("detect_batch: one image failed")
-                return {**error_body(e), "status": http_status(e), "image_sha256": provenance.sha256(data)}
+                sha = await self._cpu(provenance.sha256, data)
+                return {**error_body(e), "status": http_status(e), "image_sha256": sha}
 
         async def work(body: bytes):
             if adapter != ENSEMBLE:

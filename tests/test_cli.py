@@ -215,6 +215,7 @@ def test_explain_here_and_through_the_api_draw_the_same_map(api, adapters, tmp_p
     assert cli.main(["explain", *local, str(images["a"]), "--out", str(here), "--json"]) == 0
     mine, theirs = json.loads(capsys.readouterr().out), json.loads(remote.stdout)
     assert mine["p_fake"] == pytest.approx(theirs["p_fake"], abs=1e-6)
+    assert (mine["image_sha256"], mine["provenance"]) == (theirs["image_sha256"], theirs["provenance"])
     assert "overlay_png_base64" not in mine["explanation"] and mine["overlay"] == str(here)
     np = pytest.importorskip("numpy")
     np.testing.assert_allclose(mine["explanation"]["grid"], theirs["explanation"]["grid"], atol=2e-3)

@@ -227,6 +227,7 @@ def test_shadow_scores_a_candidate_without_changing_answers_and_reports_it(app, 
     # every shadow metric the docs name is exported, under that name, once its event happened
     text = requests.get(os.environ["AIGD_TEST_METRICS"], timeout=30).text
     happened = {"ray_aigd_shadow_label_flips_total": rows[0]["agreement"] < 1,
+                "ray_aigd_shadow_agreements_total": rows[0]["agreement"] > 0,
                 "ray_aigd_shadow_skipped_total": skipped > 0}
     names = {n for n in documented_metrics() if n.startswith("ray_aigd_shadow")}
     assert len(names) == 5

@@ -29,7 +29,8 @@ class OutputError(ValueError):
     """An output path rows cannot be written to."""
 
 
-def row(img_id: str, answer: dict | None, names: list[str], error: str | None = None, traced: dict | None = None) -> dict:
+def row(img_id: str, answer: dict | None, names: list[str], error: str | None = None,
+        traced: dict | None = None) -> dict:
     """Flat columns: the final answer (ensemble when there are several members), each member's
     P(fake), and what traces the image (its SHA-256, what it declares: aigd.provenance)."""
     traced = table_columns(traced)

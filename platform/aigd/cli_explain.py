@@ -26,13 +26,15 @@ exit status: 0 explained; 2 the image, an adapter or the API could not be used."
 def _local(args, data: bytes) -> dict:
     from aigd.cli import scoring_config
     from aigd.explain import explain
+    from aigd.provenance import origin
     from aigd.scorer import Scorer
 
     cfg = scoring_config(args.adapter, args.model, args.build_tiny)
     scorer = Scorer(cfg)
     image = scorer.prepare(data, C.DecodeLimits.preset("batch"))
     adapter = next(iter(cfg.adapters)) if len(cfg.adapters) == 1 else "ensemble"
-    return explain(scorer, image, adapter, list(cfg.adapters), cfg.ensemble, C.ExplainConfig(), args.method)
+    answer = explain(scorer, image, adapter, list(cfg.adapters), cfg.ensemble, C.ExplainConfig(), args.method)
+    return {**answer, **origin(data, cfg.provenance)}
 
 
 def _remote(args, data: bytes) -> dict:

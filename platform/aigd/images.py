@@ -45,16 +45,21 @@ def sniff(data: bytes) -> str:
     raise UnsupportedMediaType("not a JPEG, PNG, WebP, BMP or GIF image (checked by content)")
 
 
-def png_chunks(data: bytes):
-    """(type, payload) of each PNG chunk, lazily, up to IEND or the end of the data."""
+def _png_spans(data: bytes):
+    """(type, start, end) of each PNG chunk (length, type, payload and CRC), up to IEND or the end."""
     pos = 8
     while pos + 8 <= len(data):
-        length = int.from_bytes(data[pos:pos + 4], "big")
-        kind = data[pos + 4:pos + 8]
-        yield kind, data[pos + 8:pos + 8 + length]
+        kind, end = data[pos + 4:pos + 8], pos + 12 + int.from_bytes(data[pos:pos + 4], "big")
+        yield kind, pos, end
         if kind == b"IEND":
             return
-        pos += 12 + length
+        pos = end
+
+
+def png_chunks(data: bytes):
+    """(type, payload) of each PNG chunk, lazily, up to IEND or the end of the data."""
+    for kind, start, end in _png_spans(data):
+        yield kind, data[start + 8:end - 4]
 
 
 _PNG_TEXT = (b"tEXt", b"zTXt", b"iTXt")
@@ -63,14 +68,12 @@ _PNG_TEXT = (b"tEXt", b"zTXt", b"iTXt")
 def png_without_text(data: bytes) -> bytes:
     """The PNG minus its text chunks, which never change a pixel: Pillow inflates and keeps every
     one of them and refuses the whole file over a 1 MB one (a 10 MB XMP packet, a zTXt bomb), while
-    the metadata is aigd.provenance's business, read under its own limits."""
-    if not any(kind in _PNG_TEXT for kind, _ in png_chunks(data)):
+    the metadata is aigd.provenance's business, read under its own limits. Every other chunk is
+    kept byte for byte, CRC included."""
+    spans = list(_png_spans(data))
+    if not any(kind in _PNG_TEXT for kind, _, _ in spans):
         return data
-    kept = [data[:8]]
-    for kind, payload in png_chunks(data):
-        if kind not in _PNG_TEXT:
-            kept.append(len(payload).to_bytes(4, "big") + kind + payload + zlib.crc32(kind + payload).to_bytes(4, "big"))
-    return b"".join(kept)
+    return data[:8] + b"".join(data[start:end] for kind, start, end in spans if kind not in _PNG_TEXT)
 
 
 def _png_chunks_within(data: bytes, limit: int) -> bool:

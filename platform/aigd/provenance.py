@@ -121,7 +121,7 @@ def _png(data: bytes, cfg: ProvenanceConfig, found: _Found) -> None:
                 return
             try:
                 key, text = _png_text(kind, payload, max(cfg.max_text_kb, cfg.max_xmp_kb) * 1024)
-            except (MetadataLimit, zlib.error, ValueError) as e:
+            except (MetadataLimit, zlib.error, ValueError, IndexError) as e:
                 found.errors.append(f"PNG {kind.decode()} chunk: {e}")
                 continue
             if key == "XML:com.adobe.xmp":

@@ -131,9 +131,38 @@ def webp_cut() -> bytes:
     return data[: len(data) // 2]
 
 
+def _harmless_warnings(data: bytes) -> bytes:
+    """What real cameras and editors leave that libjpeg warns about without losing a pixel: stray
+    bytes before a table, an unknown JFIF revision, junk between the scan and the end marker."""
+    jfif = data.index(b"JFIF\x00") + 5
+    data = data[:jfif] + b"\x07" + data[jfif + 1:]
+    dqt = data.index(b"\xff\xdb")
+    data = data[:dqt] + b"\x00\x12\x34" + data[dqt:]
+    return data[:-2] + b"\x00\x00\x00" + data[-2:]
+
+
+def jpeg_harmless_warnings() -> bytes:
+    return _harmless_warnings(_save(_textured(), "JPEG", quality=90))
+
+
+def jpeg_harmless_warning_then_cut() -> bytes:
+    """A cut scan behind a harmless warning: a strict decode stopping at the first warning misses it."""
+    return _harmless_warnings(jpeg_scan_cut_end_kept())
+
+
+def mpo_first_picture_cut() -> bytes:
+    """A multi-picture JPEG (what phones write for HDR or depth) whose first picture's scan is cut."""
+    img = _textured()
+    data = _save(img, "MPO", save_all=True, append_images=[img.rotate(180)])
+    sos = data.index(b"\xff\xda")
+    return data[:sos + (len(data) // 2 - sos) // 2] + b"\xff\xd9"
+
+
 # Files whose pixel data is missing or unreadable: a verdict on them would be a verdict on decoder
 # padding, at whatever scale they are decoded.
 MISSING_PIXELS = {
+    "jpeg_harmless_warning_then_cut": jpeg_harmless_warning_then_cut,
+    "mpo_first_picture_cut": mpo_first_picture_cut,
     "jpeg_scan_cut_end_kept": jpeg_scan_cut_end_kept,
     "jpeg_header_declares_4x_rows": jpeg_header_declares_more,
     "png_idat_not_zlib": png_idat_not_zlib,
@@ -152,6 +181,7 @@ CASES = {
     "png_header_30000x30000": (png_header_bomb, "image_too_large"),
     "jpeg_bad_exif": (jpeg_bad_exif, "ok"),
     "jpeg_48mp_camera": (jpeg_48mp, "ok"),
+    "jpeg_harmless_warnings": (jpeg_harmless_warnings, "ok"),
     **{name: (make, "corrupt_image") for name, make in MISSING_PIXELS.items()},
 }
 

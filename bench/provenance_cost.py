@@ -3,10 +3,11 @@ decoder's pixel-completeness checks (aigd.images.check_jpeg_scan, check_png_stre
 
     .venv/bin/python bench/provenance_cost.py [--runs 20] [--json]
 
-For each kind of file (none, a signed C2PA manifest, XMP, a web UI's parameters, camera EXIF, and the
-hostile metadata of aigd.dev.provenance_files.HOSTILE) it prints the median and max time of
-`aigd.provenance.read` over --runs reads, the median time of `aigd.image_view.prepare` (the decode
-the router does anyway) for the same bytes, and what the block reported.
+For each kind of file (none, a signed C2PA manifest, XMP, a web UI's parameters, camera EXIF, the
+hostile metadata of aigd.dev.provenance_files.HOSTILE, and the most text the default limits read)
+it prints the median and max time of `aigd.provenance.read` over --runs reads, the median time of
+`aigd.image_view.prepare` (the decode the router does anyway) for the same bytes, and what the
+block reported.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def files() -> dict[str, bytes]:
            "xmp_jpeg": P.declare(jpeg, "xmp"), "camera_exif_jpeg": P.declare(jpeg, "camera"),
            "parameters_png": P.declare(P.encode(img, "PNG"), "generator_text")}
     out.update({f"hostile_{name}": make(img) for name, make in P.HOSTILE.items()})
+    out["most_text_the_limits_read"] = P.slow_to_read(img)  # 60 zTXt chunks of 256 KB
     return out
 
 

@@ -59,6 +59,8 @@ class Router:
         # threads, so the event loop keeps answering, memory stays bounded, and work a cancelled
         # request (client gone, deadline passed) had queued is dropped before it starts.
         self.cpu_pool = ThreadPoolExecutor(self.cfg.router.decode_concurrency, thread_name_prefix="decode")
+        # Provenance reads in their own threads: a slow or hostile metadata block never delays a decode.
+        self.metadata_pool = ThreadPoolExecutor(self.cfg.router.decode_concurrency, thread_name_prefix="provenance")
         self.requests = Counter("aigd_requests_total", description="HTTP requests",
                                 tag_keys=("endpoint", "adapter", "status"))
         self.verdicts = Counter("aigd_verdicts_total", description="answers by label",
@@ -113,26 +115,29 @@ class Router:
             self.in_flight -= 1
 
     async def _prepare(self, data: bytes) -> tuple[np.ndarray, dict]:
-        """The model's view of the image, and what traces it: the SHA-256 of the bytes received and
-        the provenance block, read from those bytes (not the decoded pixels) in the same bounded pool."""
-        origin = asyncio.ensure_future(self._origin(data))
-        try:
-            pixels = await self._cpu(prepare, data, self.cfg.limits, self.policy)
-        except BaseException:
-            origin.cancel()
-            raise
-        return pixels, await origin
-
-    async def _origin(self, data: bytes) -> dict:
+        """The model's view of the image, and what traces it: the SHA-256 of the bytes received (in the
+        decode's job) and the provenance block, read from those bytes beside the decode. Once the
+        decode is done the block gets provenance.timeout_s more; then the answer goes without it."""
         cfg = self.cfg.provenance
-        out = {"image_sha256": await self._cpu(provenance.sha256, data)}
-        if cfg.enabled:
+        loop = asyncio.get_running_loop()
+        reading = loop.run_in_executor(self.metadata_pool, provenance.read, data, cfg) if cfg.enabled else None
+        try:
+            pixels, sha = await self._cpu(self._decode, data)
+        except BaseException:
+            if reading is not None:
+                reading.cancel()
+            raise
+        traced = {"image_sha256": sha}
+        if reading is not None:
             try:
-                out["provenance"] = await asyncio.wait_for(self._cpu(provenance.read, data, cfg), cfg.timeout_s)
+                traced["provenance"] = await asyncio.wait_for(reading, cfg.timeout_s)
             except TimeoutError:
-                out["provenance"] = provenance.empty(f"not read within provenance.timeout_s = {cfg.timeout_s:g} s")
-            self.declared.inc(tags={"declared": out["provenance"]["declared"]})
-        return out
+                traced["provenance"] = provenance.empty(f"not read within provenance.timeout_s = {cfg.timeout_s:g} s")
+            self.declared.inc(tags={"declared": traced["provenance"]["declared"]})
+        return pixels, traced
+
+    def _decode(self, data: bytes) -> tuple[np.ndarray, str]:
+        return prepare(data, self.cfg.limits, self.policy), provenance.sha256(data)
 
     async def _score(self, data: bytes, adapters: tuple[str, ...]) -> tuple[dict, dict]:
         t0 = time.perf_counter()

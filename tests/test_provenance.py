@@ -28,8 +28,8 @@ def test_a_signed_c2pa_manifest_is_read_and_validated(signed):
     block = read(signed)
     c = block["c2pa"]
     assert c["present"] and c["validation_state"] == "Valid" and c["validation_failures"] == []
-    assert (c["claim_generator"], c["signer"], c["issuer"]) == ("ExampleGen 2.1", "aigd test generator",
-                                                                "Example Generator Inc")
+    assert (c["claim_generator"], c["signer"], c["issuer"]) == ("aigd-demo-generator 1.0", "aigd demo signer",
+                                                                "aigd demo")
     assert c["digital_source_type"] == "trainedAlgorithmicMedia" and c["actions"] == ["c2pa.created"]
     assert block["declared"] == "ai" and block["error"] is None
     assert any("C2PA (Valid)" in e and "trainedAlgorithmicMedia" in e for e in block["evidence"])
@@ -57,8 +57,8 @@ def test_c2pa_on_png_and_a_camera_source_type(img):
 def test_xmp_digital_source_type_in_every_container(img, fmt, form):
     block = read(P.with_xmp(img, fmt, "trainedAlgorithmicMedia", form))
     assert block["xmp_digital_source_type"] == "trainedAlgorithmicMedia" and block["declared"] == "ai"
-    edited = read(P.with_xmp(img, fmt, "compositeWithTrainedAlgorithmicMedia", form))
-    assert edited["declared"] == "edited"
+    assert read(P.with_xmp(img, fmt, "compositeWithTrainedAlgorithmicMedia", form))["declared"] == "ai"
+    assert read(P.with_xmp(img, fmt, "compositeSynthetic", form))["declared"] == "edited"
 
 
 def test_generator_text_names_the_tool_and_keeps_the_prompt_only_when_configured(img):
@@ -73,6 +73,45 @@ def test_generator_text_names_the_tool_and_keeps_the_prompt_only_when_configured
     # the web UIs' parameter line under a key no list names (the class, not the key)
     other = read(P.png_with_text(img, {"Description": P.A1111_PARAMETERS}))
     assert other["generator_text"] == {"tool": "Stable Diffusion web UI", "keys": ["Description"]}
+
+
+@pytest.mark.parametrize("little_endian", [False, True])
+def test_a_web_uis_jpeg_keeps_its_parameters_in_a_utf16_user_comment(img, little_endian):
+    block = read(P.a1111_jpeg(img, little_endian))
+    assert block["generator_text"] == {"tool": "Stable Diffusion web UI", "keys": ["exif"]} and block["declared"] == "ai"
+
+
+def test_an_oversized_extended_xmp_does_not_hide_the_main_packet(img):
+    block = read(P.extended_xmp_jpeg(img, extension_kb=600))
+    assert block["xmp_digital_source_type"] == "trainedAlgorithmicMedia" and block["declared"] == "ai"
+    assert block["error"] is None  # found in the main packet: the extension is never parsed
+
+
+def test_the_image_data_of_a_large_png_is_not_metadata(img):
+    """A PNG of 1,500 IDAT chunks (libpng's 8 KB each: a 12 MB file) with a text chunk after them."""
+    import zlib
+
+    from aigd.images import png_spans
+
+    plain = P.png_with_text(img, {"parameters": P.A1111_PARAMETERS})
+    spans = list(png_spans(plain))
+    ihdr = plain[:spans[1][1]]
+    idat = b"".join(plain[s:e] for k, s, e in spans if k == b"IDAT")
+    text = b"".join(plain[s:e] for k, s, e in spans if k == b"tEXt")
+    empty = P._png_chunk(b"IDAT", b"")
+    many = ihdr + idat + empty * 1500 + text + P._png_chunk(b"IEND", b"")
+    assert zlib.crc32(b"IDAT") and len(list(png_spans(many))) > 1500
+    block = read(many)
+    assert block["error"] is None and block["declared"] == "ai"
+
+
+def test_fill_bytes_cost_nothing_and_the_decoder_refuses_a_run_of_them(img):
+    from aigd.errors import ImageRejected
+
+    data = P.fill_bytes_jpeg(img, mb=4)
+    assert read(data)["error"] is None  # a run of fill bytes is one step for the reader
+    with pytest.raises(ImageRejected, match="fill bytes"):
+        prepare(data, DecodeLimits.preset("serving"), ImagePolicy())
 
 
 def test_exif_camera_and_editor(img):

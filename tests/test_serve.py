@@ -56,8 +56,9 @@ def server(ray_local, tiny_model, adapters, tmp_path_factory):
                                                    "max_queued_requests": 1},
                         router={"max_in_flight": 4}),
         "locked": _config(tiny_model, good, auth={"enabled": True, "keys_file": str(keys)}),
+        # provenance: 1 ms once the image is decoded, less than a long metadata block takes to read
         "twin": _config(tiny_model, good, detector={"autoscaling": {"min_replicas": 2, "max_replicas": 2}},
-                        request={"timeout_s": 30.0}),
+                        request={"timeout_s": 30.0}, provenance={"timeout_s": 0.001}),
     }
     for name, cfg in apps.items():
         serve.run(build_app(cfg), name=name, route_prefix=f"/{name}")
@@ -579,6 +580,8 @@ def test_hostile_metadata_costs_the_answer_nothing_but_its_provenance(server):
         assert 0 <= r.json()["p_fake"] <= 1
     off = _post(f"{server}/strict/v1/detect?adapter=method1", P.with_xmp(img, "JPEG"))
     assert off.status_code == 200 and "provenance" not in off.json()  # provenance.enabled: false there
+    late = _post(f"{server}/twin/v1/detect?adapter=method1", P.slow_to_read(img)).json()
+    assert "not read within provenance.timeout_s" in late["provenance"]["error"] and 0 <= late["p_fake"] <= 1
 
 
 def test_the_documented_metric_names_are_exported(server):

@@ -300,7 +300,9 @@ class ProvenanceConfig:
     used in it. Metadata can be stripped or forged; its absence means nothing."""
 
     enabled: bool = True  # false: answers carry no provenance block
-    timeout_s: float = 2.0  # the API: seconds to read it; then the block says so and the image is scored anyway
+    # the API: it is read beside the decode, in its own threads; once the image is decoded the block gets this
+    # many seconds more, then the answer goes with a block that says so
+    timeout_s: float = 2.0
     max_segments: int = 1000  # metadata segments / chunks walked before the image data (JPEG, PNG, WebP)
     max_xmp_kb: int = 512  # an XMP packet above this is not parsed
     max_text_chunks: int = 64  # PNG text chunks read (tEXt, zTXt, iTXt)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import struct
 import warnings
 import zlib
@@ -22,7 +23,7 @@ import simplejpeg
 from PIL import Image, ImageOps
 
 from aigd.config import DecodeLimits
-from aigd.errors import CorruptImage, ImageRejected, ImageTooLarge, UnsupportedMediaType
+from aigd.errors import AigdError, CorruptImage, ImageRejected, ImageTooLarge, UnsupportedMediaType
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def sniff(data: bytes) -> str:
     raise UnsupportedMediaType("not a JPEG, PNG, WebP, BMP or GIF image (checked by content)")
 
 
-def _png_spans(data: bytes):
+def png_spans(data: bytes):
     """(type, start, end) of each PNG chunk (length, type, payload and CRC), up to IEND or the end."""
     pos = 8
     while pos + 8 <= len(data):
@@ -58,11 +59,12 @@ def _png_spans(data: bytes):
 
 def png_chunks(data: bytes):
     """(type, payload) of each PNG chunk, lazily, up to IEND or the end of the data."""
-    for kind, start, end in _png_spans(data):
+    for kind, start, end in png_spans(data):
         yield kind, data[start + 8:end - 4]
 
 
 _PNG_TEXT = (b"tEXt", b"zTXt", b"iTXt")
+_PNG_RAW_EXIF = b"Raw profile type"  # ImageMagick's EXIF (orientation) in a text chunk: Pillow reads it
 
 
 def png_without_text(data: bytes) -> bytes:
@@ -70,10 +72,15 @@ def png_without_text(data: bytes) -> bytes:
     one of them and refuses the whole file over a 1 MB one (a 10 MB XMP packet, a zTXt bomb), while
     the metadata is aigd.provenance's business, read under its own limits. Every other chunk is
     kept byte for byte, CRC included."""
-    spans = list(_png_spans(data))
-    if not any(kind in _PNG_TEXT for kind, _, _ in spans):
+    dropped = [(start, end) for kind, start, end in png_spans(data)
+               if kind in _PNG_TEXT and not data[start + 8:start + 24].startswith(_PNG_RAW_EXIF)]
+    if not dropped:
         return data
-    return data[:8] + b"".join(data[start:end] for kind, start, end in spans if kind not in _PNG_TEXT)
+    kept, pos = [], 0
+    for start, end in dropped:
+        kept.append(data[pos:start])
+        pos = end
+    return b"".join(kept) + data[pos:]
 
 
 def _png_chunks_within(data: bytes, limit: int) -> bool:
@@ -120,10 +127,15 @@ def check_png_stream(data: bytes) -> None:
         raise CorruptImage(f"the PNG's pixel data ends after {got} of {need} bytes")
 
 
+_JPEG_FILL_RUN = b"\xff" * 70_000  # longer than any segment's payload: only fill bytes between markers
+
+
 def check_structure(data: bytes, fmt: str, limits: DecodeLimits) -> None:
     """Refuse the decoder CPU bombs that fit inside the byte and pixel caps."""
     if fmt == "JPEG" and (scans := data.count(_JPEG_SOS)) > limits.max_jpeg_scans:
         raise ImageRejected(f"JPEG with {scans} scans; the limit is {limits.max_jpeg_scans}")
+    if fmt == "JPEG" and _JPEG_FILL_RUN in data:  # Pillow steps through fill bytes in Python: 17 s for 19 MB
+        raise ImageRejected("JPEG with a run of more than 70,000 fill bytes")
     if fmt == "PNG" and not _png_chunks_within(data, limits.max_png_chunks):
         raise ImageRejected(f"PNG with more than {limits.max_png_chunks} chunks")
 
@@ -209,25 +221,54 @@ def jpeg(img: Image.Image, quality: int) -> Image.Image:
 
 _TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
-# libjpeg recovers from these by inventing pixels (grey or repeated blocks) and only warns, which
-# Pillow never reports: a header declaring more pixels than the scan holds, a cut stream, garbage
-# in the entropy data. The other warnings (extraneous bytes, an unknown JFIF revision, a bad ICC
-# marker) are common in real cameras' files and cost no pixels.
-_JPEG_PIXELS_MISSING = ("premature end", "bad huffman code", "bad arithmetic code", "instead of rst",
-                        "inconsistent progression")
+# libjpeg recovers from a cut or garbled scan by inventing pixels (grey or repeated blocks) and only
+# warns, which Pillow never reports. These warnings mean pixels are missing, or (extraneous bytes
+# between scans, odd SOS parameters) that a later scan could go unchecked behind them.
+_JPEG_UNVERIFIED = ("premature end", "bad huffman code", "bad arithmetic code", "instead of rst",
+                    "inconsistent progression", "extraneous bytes before marker", "invalid sos parameters")
+_JPEG_COMPLETE = "extraneous bytes before marker 0xd9"  # junk after the last scan: every pixel was decoded
+# The segments entropy decoding needs: frame headers (SOF0-15 but DHT, JPG, DAC), DHT, DAC, DQT, DRI, DNL.
+_JPEG_DECODING = frozenset([*range(0xC0, 0xD0), 0xDB, 0xDC, 0xDD]) - {0xC8}
+# A marker after any fill bytes, not stuffing or RST; a literal first byte lets `re` skip to each 0xFF
+# (`\xff+` as the start made it 20x slower over a scan).
+_JPEG_MARKER = re.compile(rb"\xff(?:\xff)*([^\x00\xd0-\xd7\xff])")
+
+
+def jpeg_scan_only(data: bytes) -> bytes:
+    """The JPEG reduced to what its pixels come from (SOI, tables, frame header, scans, EOI): no APPn,
+    COM or stray bytes between segments. Their harmless warnings (an unknown JFIF revision, a bad ICC
+    profile, stray bytes in the header) would otherwise stop a strict decode before the scan is read."""
+    out, pos = [b"\xff\xd8"], 2
+    while (m := _JPEG_MARKER.search(data, pos)) is not None:
+        marker, start = m.group(1)[0], m.end() - 2
+        if marker == 0xD9:
+            break
+        if marker in (0x01, 0xD8):  # TEM, a repeated SOI: no length
+            pos = m.end()
+            continue
+        end = start + 2 + int.from_bytes(data[start + 2:start + 4], "big")
+        if marker == 0xDA:  # the scan header, then its entropy data up to the next marker
+            scan_end = m2.end() - 2 if (m2 := _JPEG_MARKER.search(data, end)) else len(data)
+            out.append(data[start:scan_end])
+            end = scan_end
+        elif marker in _JPEG_DECODING:
+            out.append(data[start:end])
+        pos = end
+    out.append(b"\xff\xd9")
+    return b"".join(out)
 
 
 def check_jpeg_scan(data: bytes) -> None:
-    """Every pixel of a JPEG comes from its scan data, or CorruptImage. Entropy decoding runs at
-    the smallest DCT scale (1/8) with libjpeg-turbo stopping on the first warning."""
+    """Every pixel of a JPEG comes from its scan data, or CorruptImage: its scans entropy-decoded by
+    libjpeg-turbo at the smallest DCT scale (1/8), stopping on the first warning."""
     try:
-        simplejpeg.decode_jpeg(data, strict=True, min_height=1, min_width=1, min_factor=8)
+        simplejpeg.decode_jpeg(jpeg_scan_only(data), strict=True, min_height=1, min_width=1, min_factor=8)
     except ValueError as e:
         reason = str(e).lower()
-        if any(m in reason for m in _JPEG_PIXELS_MISSING):
-            log.info("JPEG with missing pixel data: %s", e)
+        if any(m in reason for m in _JPEG_UNVERIFIED) and _JPEG_COMPLETE not in reason:
+            log.info("JPEG with missing or unverifiable pixel data: %s", e)
             raise CorruptImage("the JPEG's pixel data is truncated or corrupt") from None
-        log.info("JPEG warning that costs no pixels (accepted): %s", e)
+        log.info("JPEG decoder message that costs no pixels (accepted): %s", e)
 
 
 def _orientation(img: Image.Image) -> int:
@@ -256,27 +297,31 @@ def decode(data: bytes, limits: DecodeLimits = DecodeLimits(),
     the image policy's): the image is then returned at exactly that size, decoded on the way at the
     smallest JPEG DCT scale, or box-reduced by the largest integer factor, that stays above it."""
     img = open_header(data, limits)
-    if img.format == "JPEG":
-        check_jpeg_scan(data)
-    elif img.format == "PNG":
-        check_png_stream(data)
+    jpeg = img.format in ("JPEG", "MPO")  # MPO: a JPEG with more pictures after it (phones' HDR, 3D)
     w, h = img.size  # as declared: a JPEG's draft() changes img.size
     try:
+        if jpeg:
+            check_jpeg_scan(data)
+        elif img.format == "PNG":
+            check_png_stream(data)
+
         def sizes() -> tuple[tuple[int, int], tuple[int, int]]:
             """The model's (w, h), and the same as stored (before EXIF orientation)."""
             transposed = _orientation(img) in _TRANSPOSED
             size = model_size(*((h, w) if transposed else (w, h)))
             return size, ((size[1], size[0]) if transposed else size)
 
-        if model_size is not None and img.format == "JPEG":
-            img.draft("RGB", sizes()[1])
         img.seek(0)
+        if model_size is not None and jpeg:
+            img.draft("RGB", sizes()[1])
         img.load()
         if model_size is None:
             return to_rgb(_upright(img))
         size, stored = sizes()
         img = to_rgb(_upright(_shrink(img, stored)))
         return img if img.size == size else img.resize(size, Image.Resampling.BICUBIC)
+    except AigdError:
+        raise
     except MemoryError:
         raise ImageTooLarge("not enough memory to decode this image") from None
     except Exception as e:  # Pillow's decoders raise many types (OSError, ValueError, struct.error, ...)

@@ -60,6 +60,8 @@ def _plain_words(answer: dict) -> str:
     return "".join(line + "\n\n" for line in lines)
 
 
+GONE = "These files were deleted after their answer (uploads are not kept): upload them again."
+
 PROVENANCE_WORDS = {"ai": "says it was **made by AI**", "edited": "says it was **edited**",
                     "camera": "says it came from a **camera**", "none": "says **nothing** about its origin"}
 
@@ -161,7 +163,7 @@ def build(client: Client, members: list[str], examples: list[str] = (), per_call
         except ApiError as e:
             return f"**{e}**", [], None, ""
         except FileNotFoundError:
-            return "The upload has been deleted (uploads are not kept); upload it again.", [], None, ""
+            return GONE, [], None, ""
         if answer.get("degraded"):
             gr.Warning("Degraded answer: an ensemble member failed")
         text = verdict_markdown(answer, (time.perf_counter() - t0) * 1000)
@@ -186,6 +188,8 @@ def build(client: Client, members: list[str], examples: list[str] = (), per_call
             answer = ask(items)
         except ApiError as e:
             return f"**{e}**", [], None
+        except FileNotFoundError:
+            return GONE, [], None
         except Exception as e:  # an image the page cannot open to re-encode
             return f"**cannot re-encode this file: {type(e).__name__}**", [], None
         rows = batch_table([n for n, _ in items], answer, members)
@@ -205,9 +209,12 @@ def build(client: Client, members: list[str], examples: list[str] = (), per_call
         try:
             for start in range(0, len(paths), per_call):
                 chunk = paths[start:start + per_call]
-                items = [(Path(p).name, Path(p).read_bytes()) for p in chunk]
                 try:
+                    items = [(Path(p).name, Path(p).read_bytes()) for p in chunk]
                     answer = client.batch(items)
+                except FileNotFoundError:
+                    yield GONE, rows, None
+                    return
                 except ApiError as e:
                     yield f"**{e}** (after {len(rows)} of {len(paths)} files)", rows, None
                     return

@@ -42,10 +42,10 @@ def signing_chain() -> tuple[bytes, bytes, bytes]:
             b = b.add_extension(ext, critical=isinstance(ext, x509.KeyUsage))
         return b.sign(signer, hashes.SHA256())
 
-    ca_name = name("aigd test CA", "aigd tests")
+    ca_name = name("aigd demo CA (self-signed)", "aigd demo")
     ca = cert(ca_name, ca_key, ca_name, ca_key, True,
               [x509.KeyUsage(False, False, False, False, False, True, True, False, False)])
-    leaf = cert(name("aigd test generator", "Example Generator Inc"), leaf_key, ca_name, ca_key, False,
+    leaf = cert(name("aigd demo signer", "aigd demo"), leaf_key, ca_name, ca_key, False,
                 [x509.KeyUsage(True, False, False, False, False, False, False, False, False),
                  x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]),
                  x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())])
@@ -62,13 +62,13 @@ def encode(img: Image.Image, fmt: str, **kw) -> bytes:
 
 
 def c2pa_signed(data: bytes, mime: str = "image/jpeg", source_type: str = "trainedAlgorithmicMedia",
-                generator: str = "ExampleGen") -> bytes:
+                generator: str = "aigd-demo-generator") -> bytes:
     """`data` with a C2PA manifest: `c2pa.created` with the IPTC digital source type, signed ES256."""
     import c2pa
 
     certs, key, _ = signing_chain()
     signer = c2pa.Signer.from_info(c2pa.C2paSignerInfo(c2pa.C2paSigningAlg.ES256, certs, key, None))
-    manifest = {"claim_generator_info": [{"name": generator, "version": "2.1"}], "title": "generated",
+    manifest = {"claim_generator_info": [{"name": generator, "version": "1.0"}], "title": "generated",
                 "assertions": [{"label": "c2pa.actions", "data": {"actions": [
                     {"action": "c2pa.created", "digitalSourceType": IPTC + source_type}]}}]}
     out = io.BytesIO()
@@ -125,6 +125,33 @@ A1111_PARAMETERS = ("a photo of a lighthouse at dusk\nNegative prompt: blurry\nS
                     "CFG scale: 7, Seed: 1234, Size: 512x512, Model: sd_xl_base_1.0")
 COMFYUI_PROMPT = json.dumps({"3": {"class_type": "KSampler", "inputs": {"seed": 1, "steps": 20}},
                              "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "flux1-dev"}}})
+
+
+def a1111_jpeg(img: Image.Image, little_endian: bool = False) -> bytes:
+    """A JPEG as AUTOMATIC1111/Forge save it: the parameters in EXIF UserComment, `UNICODE` + UTF-16."""
+    exif = Image.Exif()
+    text = A1111_PARAMETERS.encode("utf-16-le" if little_endian else "utf-16-be")
+    exif.get_ifd(0x8769)[0x9286] = b"UNICODE\x00" + text
+    return encode(img, "JPEG", quality=92, exif=exif)
+
+
+def extended_xmp_jpeg(img: Image.Image, extension_kb: int = 600) -> bytes:
+    """A small main XMP packet declaring trainedAlgorithmicMedia, then extended XMP pieces (as
+    Photoshop writes its DocumentAncestors history) adding up to `extension_kb`."""
+    data = with_xmp(img, "JPEG")
+    piece = 60_000
+    body = b" " * (extension_kb * 1024)
+    segments = b"".join(_jpeg_segment(0xE1, b"http://ns.adobe.com/xmp/extension/\x00" + b"0" * 32
+                                      + struct.pack(">II", len(body), off) + body[off:off + piece])
+                        for off in range(0, len(body), piece))
+    return data[:2] + segments + data[2:]
+
+
+def fill_bytes_jpeg(img: Image.Image, mb: int = 19) -> bytes:
+    """A JPEG with `mb` MB of 0xFF fill bytes before its first table (legal between markers)."""
+    data = encode(img, "JPEG", quality=90)
+    dqt = data.index(b"\xff\xdb")
+    return data[:dqt] + b"\xff" * (mb * 2**20) + data[dqt:]
 
 
 def camera_jpeg(img: Image.Image, make: str = "Canon", model: str = "Canon EOS R6", software: str = "") -> bytes:
@@ -217,6 +244,13 @@ def broken_exif(img: Image.Image) -> bytes:
     exif = b"Exif\x00\x00MM\x00\x2a\x00\x00\x00\x08\x00\x01\x01\x31\x00\x02\x7f\xff\xff\xff\x00\x00\x00\x10\x00\x00\x00\x00"
     data = encode(img, "JPEG", quality=90)
     return data[:2] + _jpeg_segment(0xE1, exif) + data[2:]
+
+
+def slow_to_read(img: Image.Image) -> bytes:
+    """The most text the default limits read in full (60 zTXt chunks of 256 KB, 80 KB on the wire):
+    tens of milliseconds of reading, against a few for decoding the image itself."""
+    text = (b"lorem ipsum dolor " * 16000)[:256 * 1024 - 10]
+    return _png_insert(encode(img, "PNG"), _png_chunk(b"zTXt", b"note\x00\x00" + zlib.compress(text, 9)) * 60)
 
 
 HOSTILE = {"jumbf_garbage": jumbf_garbage, "c2pa_truncated": c2pa_truncated, "huge_xmp_10mb": huge_xmp,

@@ -158,6 +158,38 @@ def mpo_first_picture_cut() -> bytes:
     return data[:sos + (len(data) // 2 - sos) // 2] + b"\xff\xd9"
 
 
+def jpeg_fill_runs_between_comments(runs: int = 28) -> bytes:
+    """69,000 fill bytes before each of `runs` tiny comments: no single run is long, Pillow still steps
+    through every byte in Python."""
+    data = _save(_textured(), "JPEG", quality=90)
+    dqt = data.index(b"\xff\xdb")
+    return data[:dqt] + (b"\xff" * 69_000 + b"\xfe\x00\x03x") * runs + data[dqt:]
+
+
+def jpeg_200k_comments() -> bytes:
+    """200,000 four-byte comments after the scan (800 KB): one Python step each for any reader."""
+    data = _save(_textured(), "JPEG", quality=90)
+    return data[:-2] + b"\xff\xfe\x00\x02" * 200_000 + data[-2:]
+
+
+def jpeg_fill_run_in_scan() -> bytes:
+    """70,000 0xFF bytes then a stuffing 0x00 inside the entropy data: a marker search that restarts
+    at every 0xFF of the run is quadratic in it (36 s with the first version of the scan check)."""
+    data = _save(_textured(), "JPEG", quality=90)
+    mid = len(data) // 2
+    return data[:mid] + b"\xff" * 70_000 + b"\x00" + data[mid:]
+
+
+def jpeg_odd_sequential_sos() -> bytes:
+    """A baseline JPEG whose scan header says Ss 1, Se 62, Al 1 (as some Samsung phones write): libjpeg
+    warns, resets them and decodes every pixel, so it must be scored."""
+    data = bytearray(_save(_textured(), "JPEG", quality=90))
+    sos = data.index(b"\xff\xda")
+    end = sos + 2 + int.from_bytes(data[sos + 2:sos + 4], "big")
+    data[end - 3:end] = b"\x01\x3e\x01"
+    return bytes(data)
+
+
 # Files whose pixel data is missing or unreadable: a verdict on them would be a verdict on decoder
 # padding, at whatever scale they are decoded.
 MISSING_PIXELS = {
@@ -182,6 +214,10 @@ CASES = {
     "jpeg_bad_exif": (jpeg_bad_exif, "ok"),
     "jpeg_48mp_camera": (jpeg_48mp, "ok"),
     "jpeg_harmless_warnings": (jpeg_harmless_warnings, "ok"),
+    "jpeg_odd_sequential_sos": (jpeg_odd_sequential_sos, "ok"),
+    "jpeg_fill_runs_between_comments": (jpeg_fill_runs_between_comments, "image_rejected"),
+    "jpeg_200k_comments": (jpeg_200k_comments, "image_rejected"),
+    "jpeg_fill_run_in_scan": (jpeg_fill_run_in_scan, "ok"),  # libjpeg reads the run as fill: no warning, no pixel lost
     **{name: (make, "corrupt_image") for name, make in MISSING_PIXELS.items()},
 }
 

@@ -133,6 +133,9 @@ class Router:
                 traced["provenance"] = await asyncio.wait_for(reading, cfg.timeout_s)
             except TimeoutError:
                 traced["provenance"] = provenance.empty(f"not read within provenance.timeout_s = {cfg.timeout_s:g} s")
+            except Exception:  # read() reports what it cannot read; anything else must not cost the answer
+                log.exception("provenance read failed")
+                traced["provenance"] = provenance.empty("unreadable")
             self.declared.inc(tags={"declared": traced["provenance"]["declared"]})
         return pixels, traced
 

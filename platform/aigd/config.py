@@ -256,6 +256,7 @@ class DecodeLimits:
     min_side: int = 28  # images with a side shorter than this many pixels are refused
     max_aspect: float = 50.0  # long side / short side above this is refused; Qwen's processor raises above 200
     max_jpeg_scans: int = 64  # JPEG scans allowed; progressive encoders use ~10; each is a pass over the image
+    max_jpeg_segments: int = 10_000  # JPEG segments allowed; cameras write a few dozen; Pillow reads them in Python
     max_png_chunks: int = 10_000  # PNG chunks allowed; 20 MB of 8 KB IDATs is ~2,500; Pillow walks them in Python
 
     @classmethod

@@ -34,7 +34,6 @@ _MAGIC = (
     (b"GIF89a", "GIF"),
     (b"BM", "BMP"),
 )
-_JPEG_SOS = b"\xff\xda"  # entropy-coded data stuffs 0xFF with 0x00, so this pair is always a marker
 
 
 def sniff(data: bytes) -> str:
@@ -127,17 +126,29 @@ def check_png_stream(data: bytes) -> None:
         raise CorruptImage(f"the PNG's pixel data ends after {got} of {need} bytes")
 
 
-_JPEG_FILL_RUN = b"\xff" * 70_000  # longer than any segment's payload: only fill bytes between markers
+_JPEG_GAP_BYTES = 65_536  # fill or stray bytes between segments: a few in real files; Pillow steps through them in Python
 
 
 def check_structure(data: bytes, fmt: str, limits: DecodeLimits) -> None:
     """Refuse the decoder CPU bombs that fit inside the byte and pixel caps."""
-    if fmt == "JPEG" and (scans := data.count(_JPEG_SOS)) > limits.max_jpeg_scans:
-        raise ImageRejected(f"JPEG with {scans} scans; the limit is {limits.max_jpeg_scans}")
-    if fmt == "JPEG" and _JPEG_FILL_RUN in data:  # Pillow steps through fill bytes in Python: 17 s for 19 MB
-        raise ImageRejected("JPEG with a run of more than 70,000 fill bytes")
+    if fmt == "JPEG":
+        _check_jpeg_segments(data, limits)
     if fmt == "PNG" and not _png_chunks_within(data, limits.max_png_chunks):
         raise ImageRejected(f"PNG with more than {limits.max_png_chunks} chunks")
+
+
+def _check_jpeg_segments(data: bytes, limits: DecodeLimits) -> None:
+    """Scans (each a pass over the image), segments (Pillow reads the header's in Python) and the
+    bytes between segments (Pillow steps through fill bytes one by one: 17 s for 19 MB)."""
+    scans = segments = gaps = 0
+    for marker, _, _, gap in jpeg_segments(data):
+        scans, segments, gaps = scans + (marker == 0xDA), segments + 1, gaps + gap
+        if scans > limits.max_jpeg_scans:
+            raise ImageRejected(f"JPEG with more than {limits.max_jpeg_scans} scans")
+        if segments > limits.max_jpeg_segments:
+            raise ImageRejected(f"JPEG with more than {limits.max_jpeg_segments} segments")
+        if gaps > _JPEG_GAP_BYTES:
+            raise ImageRejected(f"JPEG with more than {_JPEG_GAP_BYTES} fill or stray bytes between segments")
 
 
 def open_header(data: bytes, limits: DecodeLimits) -> Image.Image:
@@ -223,37 +234,51 @@ _TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 # libjpeg recovers from a cut or garbled scan by inventing pixels (grey or repeated blocks) and only
 # warns, which Pillow never reports. These warnings mean pixels are missing, or (extraneous bytes
-# between scans, odd SOS parameters) that a later scan could go unchecked behind them.
+# between scans) that a later scan could go unchecked behind them.
 _JPEG_UNVERIFIED = ("premature end", "bad huffman code", "bad arithmetic code", "instead of rst",
                     "inconsistent progression", "extraneous bytes before marker", "invalid sos parameters")
 _JPEG_COMPLETE = "extraneous bytes before marker 0xd9"  # junk after the last scan: every pixel was decoded
 # The segments entropy decoding needs: frame headers (SOF0-15 but DHT, JPG, DAC), DHT, DAC, DQT, DRI, DNL.
 _JPEG_DECODING = frozenset([*range(0xC0, 0xD0), 0xDB, 0xDC, 0xDD]) - {0xC8}
-# A marker after any fill bytes, not stuffing or RST; a literal first byte lets `re` skip to each 0xFF
-# (`\xff+` as the start made it 20x slower over a scan).
-_JPEG_MARKER = re.compile(rb"\xff(?:\xff)*([^\x00\xd0-\xd7\xff])")
+_JPEG_SEQUENTIAL = frozenset([0xC0, 0xC1, 0xC5, 0xC9, 0xCD])  # frame types whose scans are Ss 0, Se 63, Ah/Al 0
+# A marker: 0xFF and a byte that is not stuffing (0x00), a restart marker or another 0xFF (fill before
+# it). Matching from the last 0xFF keeps the search linear in a run of them.
+_JPEG_MARKER = re.compile(rb"\xff([^\x00\xd0-\xd7\xff])")
+
+
+def jpeg_segments(data: bytes):
+    """(marker, start, end, gap) of each segment after SOI, up to EOI: `start` at its 0xFF, `end` past its
+    payload (a scan's: past its entropy data, to the next marker), `gap` the bytes skipped before it
+    (fill bytes, strays). Every step moves forward, so a hostile file costs one pass."""
+    pos = 2
+    while (m := _JPEG_MARKER.search(data, pos)) is not None:
+        marker, start = m.group(1)[0], m.start()
+        end = m.end()
+        if marker not in (0x01, 0xD8, 0xD9):  # TEM, a repeated SOI and EOI have no length
+            end = max(end, start + 2 + int.from_bytes(data[start + 2:start + 4], "big"))
+            if marker == 0xDA:
+                end = nxt.start() if (nxt := _JPEG_MARKER.search(data, end)) else len(data)
+        yield marker, start, end, start - pos
+        if marker == 0xD9:
+            return
+        pos = end
 
 
 def jpeg_scan_only(data: bytes) -> bytes:
     """The JPEG reduced to what its pixels come from (SOI, tables, frame header, scans, EOI): no APPn,
-    COM or stray bytes between segments. Their harmless warnings (an unknown JFIF revision, a bad ICC
-    profile, stray bytes in the header) would otherwise stop a strict decode before the scan is read."""
-    out, pos = [b"\xff\xd8"], 2
-    while (m := _JPEG_MARKER.search(data, pos)) is not None:
-        marker, start = m.group(1)[0], m.end() - 2
-        if marker == 0xD9:
-            break
-        if marker in (0x01, 0xD8):  # TEM, a repeated SOI: no length
-            pos = m.end()
-            continue
-        end = start + 2 + int.from_bytes(data[start + 2:start + 4], "big")
-        if marker == 0xDA:  # the scan header, then its entropy data up to the next marker
-            scan_end = m2.end() - 2 if (m2 := _JPEG_MARKER.search(data, end)) else len(data)
-            out.append(data[start:scan_end])
-            end = scan_end
-        elif marker in _JPEG_DECODING:
-            out.append(data[start:end])
-        pos = end
+    COM or stray bytes between segments, whose harmless warnings (an unknown JFIF revision, a bad ICC
+    profile, stray bytes in the header) would stop a strict decode before the scan is read. A
+    sequential frame's scans get the parameters libjpeg would reset them to (Samsung phones write
+    others; libjpeg warns and decodes every pixel)."""
+    out, sequential = [b"\xff\xd8"], True
+    for marker, start, end, _ in jpeg_segments(data):
+        segment = data[start:end]
+        if 0xC0 <= marker <= 0xCF and marker in _JPEG_DECODING - {0xC4, 0xCC}:
+            sequential = marker in _JPEG_SEQUENTIAL
+        if marker == 0xDA and sequential and (header := 2 + int.from_bytes(segment[2:4], "big")) >= 9:
+            segment = segment[:header - 3] + b"\x00\x3f\x00" + segment[header:]
+        if marker in _JPEG_DECODING or marker == 0xDA:
+            out.append(segment)
     out.append(b"\xff\xd9")
     return b"".join(out)
 

@@ -26,10 +26,13 @@ from pathlib import Path
 
 from PIL import Image
 
-from aigd.config import ProvenanceConfig
+from aigd.config import DecodeLimits, ProvenanceConfig
 from aigd.images import png_spans
 
 log = logging.getLogger(__name__)
+# Pillow warns once per tag it skips in a malformed EXIF block (untrusted files have many); the block's
+# error is what matters. Set once here: catch_warnings() is not thread-safe, and reads run in threads.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
 
 DECLARED = ("ai", "edited", "camera", "none")  # strongest first
 IPTC = "http://cv.iptc.org/newscodes/digitalsourcetype/"
@@ -62,6 +65,9 @@ _XMP_MAIN = b"http://ns.adobe.com/xap/1.0/\x00"
 _XMP_EXTENSION = b"http://ns.adobe.com/xmp/extension/\x00"
 _MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif"}
 EXIF_TAGS = {"software": 0x0131, "make": 0x010F, "model": 0x0110}
+_EXIF_MAX = 65_533  # a JPEG's APP1 payload at most: what any EXIF writer fits its block into
+_EXIF_VALUE_MAX = 1024  # characters kept of a Software/Make/Model value
+_PNG_CHUNKS_MAX = DecodeLimits().max_png_chunks
 
 
 class MetadataLimit(ValueError):
@@ -115,10 +121,22 @@ def _jpeg(data: bytes, cfg: ProvenanceConfig, found: _Found) -> None:
         pos += 2 + length
 
 
+def _exif_block(found: _Found, block: bytes) -> None:
+    """The first EXIF block, if it is no larger than a JPEG's can be (one 64 KB segment)."""
+    if len(block) > _EXIF_MAX:
+        found.errors.append(f"EXIF block of {len(block)} bytes is over {_EXIF_MAX}; not read")
+    elif found.exif is None:
+        found.exif = block
+
+
 def _png(data: bytes, cfg: ProvenanceConfig, found: _Found) -> None:
-    """Text, eXIf and caBX chunks; image data (IDAT, fdAT) is skipped without being counted or copied."""
+    """Text, eXIf and caBX chunks; image data (IDAT, fdAT) is skipped without being copied, and counts
+    only against the decoder's own chunk cap (which refuses the file beyond it anyway)."""
     texts = n = 0
-    for kind, start, end in png_spans(data):
+    for total, (kind, start, end) in enumerate(png_spans(data)):
+        if total >= _PNG_CHUNKS_MAX:
+            found.errors.append(f"more than {_PNG_CHUNKS_MAX} PNG chunks; the rest not read")
+            return
         if kind in (b"IDAT", b"fdAT"):
             continue
         if (n := n + 1) > cfg.max_segments:
@@ -139,7 +157,7 @@ def _png(data: bytes, cfg: ProvenanceConfig, found: _Found) -> None:
             else:
                 _text(found, cfg, key, text)
         elif kind == b"eXIf":
-            found.exif = found.exif or payload
+            _exif_block(found, payload)
         elif kind == b"caBX":
             found.jumbf_bytes += len(payload)
 
@@ -169,7 +187,7 @@ def _webp(data: bytes, cfg: ProvenanceConfig, found: _Found) -> None:
         kind, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
         body = data[pos + 8:pos + 8 + size]
         if kind == b"EXIF":
-            found.exif = body
+            _exif_block(found, body)
         elif kind == b"XMP ":
             found.xmp.append(body)
         elif kind == b"C2PA":
@@ -204,10 +222,8 @@ def _exif(found: _Found) -> tuple[dict | None, list[str]]:
     if not found.exif:
         return None, []
     exif = Image.Exif()
-    with warnings.catch_warnings():  # Pillow warns per tag it skips in a malformed block
-        warnings.simplefilter("ignore")
-        exif.load(found.exif)
-    out = {name: str(exif[tag]).strip("\x00 ") for name, tag in EXIF_TAGS.items() if exif.get(tag)}
+    exif.load(found.exif)
+    out = {name: str(exif[tag])[:_EXIF_VALUE_MAX].strip("\x00 ") for name, tag in EXIF_TAGS.items() if exif.get(tag)}
     texts = [exif.get(0x010E), exif.get_ifd(0x8769).get(0x9286)]  # ImageDescription, UserComment
     return out or None, [_exif_text(t) for t in texts if t]
 
@@ -343,8 +359,13 @@ def read(data: bytes, cfg: ProvenanceConfig = ProvenanceConfig()) -> dict:
         except Exception as e:  # a malformed block from an untrusted file: reported, not raised
             log.info("provenance %s unreadable: %s: %s", name, type(e).__name__, e)
             found.errors.append(f"{name} unreadable: {_short(e)}")
-    block["generator_text"] = _generator_text(found, block.pop("_exif_texts", []), cfg)
-    block["declared"], block["evidence"] = _declared(block)
+    try:
+        block["generator_text"] = _generator_text(found, block.pop("_exif_texts", []), cfg)
+        block["declared"], block["evidence"] = _declared(block)
+    except Exception as e:  # a value of an unexpected type in a manifest: reported, not raised
+        log.info("provenance summary failed: %s: %s", type(e).__name__, e)
+        found.errors.append(f"summary unreadable: {_short(e)}")
+        block.update(generator_text=None, declared="none", evidence=[])
     block["error"] = "; ".join(found.errors) or None
     return block
 

@@ -201,7 +201,8 @@ def build(client: Client, members: list[str], examples: list[str] = (), per_call
 
     def batch(paths):
         """Streams: a request of `per_call` files at a time, read from disk only then, the table
-        growing as answers come; each file deleted once answered; the CSV last."""
+        growing as answers come; the CSV last. Uploads stay to delete_cache: Gradio files them by
+        content, shared by every session, so one deleted here could be another tab's."""
         if not paths:
             yield "Upload files first.", [], None
             return
@@ -219,8 +220,6 @@ def build(client: Client, members: list[str], examples: list[str] = (), per_call
                     yield f"**{e}** (after {len(rows)} of {len(paths)} files)", rows, None
                     return
                 rows += batch_table([n for n, _ in items], answer, members)
-                for p in chunk:
-                    Path(p).unlink(missing_ok=True)
                 yield f"{len(rows)} of {len(paths)} files scored…", rows, None
             out = folder / "aigd-batch.csv"
             with out.open("w", newline="") as f:

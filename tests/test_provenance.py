@@ -89,8 +89,6 @@ def test_an_oversized_extended_xmp_does_not_hide_the_main_packet(img):
 
 def test_the_image_data_of_a_large_png_is_not_metadata(img):
     """A PNG of 1,500 IDAT chunks (libpng's 8 KB each: a 12 MB file) with a text chunk after them."""
-    import zlib
-
     from aigd.images import png_spans
 
     plain = P.png_with_text(img, {"parameters": P.A1111_PARAMETERS})
@@ -100,7 +98,7 @@ def test_the_image_data_of_a_large_png_is_not_metadata(img):
     text = b"".join(plain[s:e] for k, s, e in spans if k == b"tEXt")
     empty = P._png_chunk(b"IDAT", b"")
     many = ihdr + idat + empty * 1500 + text + P._png_chunk(b"IEND", b"")
-    assert zlib.crc32(b"IDAT") and len(list(png_spans(many))) > 1500
+    assert len(list(png_spans(many))) > 1500
     block = read(many)
     assert block["error"] is None and block["declared"] == "ai"
 

@@ -240,6 +240,7 @@ _JPEG_UNVERIFIED = ("premature end", "bad huffman code", "bad arithmetic code", 
 _JPEG_COMPLETE = "extraneous bytes before marker 0xd9"  # junk after the last scan: every pixel was decoded
 # The segments entropy decoding needs: frame headers (SOF0-15 but DHT, JPG, DAC), DHT, DAC, DQT, DRI, DNL.
 _JPEG_DECODING = frozenset([*range(0xC0, 0xD0), 0xDB, 0xDC, 0xDD]) - {0xC8}
+_JPEG_FRAME = _JPEG_DECODING - {0xC4, 0xCC, 0xDB, 0xDC, 0xDD}  # SOFn: what kind of frame the scans belong to
 _JPEG_SEQUENTIAL = frozenset([0xC0, 0xC1, 0xC5, 0xC9, 0xCD])  # frame types whose scans are Ss 0, Se 63, Ah/Al 0
 # A marker: 0xFF and a byte that is not stuffing (0x00), a restart marker or another 0xFF (fill before
 # it). Matching from the last 0xFF keeps the search linear in a run of them.
@@ -273,7 +274,7 @@ def jpeg_scan_only(data: bytes) -> bytes:
     out, sequential = [b"\xff\xd8"], True
     for marker, start, end, _ in jpeg_segments(data):
         segment = data[start:end]
-        if 0xC0 <= marker <= 0xCF and marker in _JPEG_DECODING - {0xC4, 0xCC}:
+        if marker in _JPEG_FRAME:
             sequential = marker in _JPEG_SEQUENTIAL
         if marker == 0xDA and sequential and (header := 2 + int.from_bytes(segment[2:4], "big")) >= 9:
             segment = segment[:header - 3] + b"\x00\x3f\x00" + segment[header:]

@@ -63,7 +63,7 @@ EDIT_SOFTWARE = re.compile(r"photoshop|lightroom|gimp|snapseed|pixelmator|affini
 _DST = re.compile(rb"DigitalSourceType(?:\s*=\s*[\"']|>|[^>]{0,200}?rdf:resource\s*=\s*[\"'])\s*([^\"'<\s]+)")
 _XMP_MAIN = b"http://ns.adobe.com/xap/1.0/\x00"
 _XMP_EXTENSION = b"http://ns.adobe.com/xmp/extension/\x00"
-_MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif"}
+_MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}  # the containers walked for JUMBF
 EXIF_TAGS = {"software": 0x0131, "make": 0x010F, "model": 0x0110}
 _EXIF_MAX = 65_533  # a JPEG's APP1 payload at most: what any EXIF writer fits its block into
 _EXIF_VALUE_MAX = 1024  # characters kept of a Software/Make/Model value

@@ -146,7 +146,7 @@ ui: setup
 		--examples $(AIGD_HOME)/demo-data/samples
 
 test: setup
-	$(PY) -m pytest -x -q
+	$(PY) -m pytest -x -q --durations=30
 
 # The edit loop: everything that needs no Ray cluster (under a minute).
 test-fast: setup

@@ -4,6 +4,7 @@ as SHA-256 digests, checked on every /v1/ request."""
 import hashlib
 import hmac
 import os
+import re
 from pathlib import Path
 
 from starlette.requests import Request
@@ -12,18 +13,33 @@ from aigd import config as C
 from aigd.errors import Forbidden, Unauthorized
 
 
+MIN_KEY_LENGTH = 20  # e.g. `openssl rand -hex 16` gives 32
+# Words of keys copied from examples and templates, not generated: an app that accepts one is open.
+PLACEHOLDER = re.compile(r"replace|change-?me|example|placeholder|your[-_ ]?(api[-_ ]?)?key|secret|password",
+                         re.IGNORECASE)
+
+
 def api_keys(auth: C.AuthConfig) -> list[bytes]:
-    keys = os.environ.get(auth.keys_env, "").split(",")
+    """SHA-256 digests of the configured keys. A replica refuses to start with a key that is short or
+    reads like a template's placeholder (naming where it is, never the key)."""
+    given = [(f"${auth.keys_env} entry {i + 1}", k.strip())
+             for i, k in enumerate(os.environ.get(auth.keys_env, "").split(","))]
     if auth.keys_file:
         path = Path(auth.keys_file).expanduser()
         if not path.is_file():
             raise C.ConfigError(f"auth.keys_file {path} does not exist on this node")
-        keys += path.read_text().splitlines()
-    keys = [hashlib.sha256(k.strip().encode()).digest() for k in keys if k.strip()]
-    if auth.enabled and not keys:
+        given += [(f"{path} line {i + 1}", k.strip()) for i, k in enumerate(path.read_text().splitlines())
+                  if not k.lstrip().startswith("#")]  # comments: who holds which key
+    given = [(where, k) for where, k in given if k]
+    for where, key in given:
+        if len(key) < MIN_KEY_LENGTH or PLACEHOLDER.search(key) or len(set(key)) < 8:
+            kind = "too short" if len(key) < MIN_KEY_LENGTH else "a placeholder"
+            raise C.ConfigError(f"the API key at {where} is {kind}: use a random key of at least {MIN_KEY_LENGTH} "
+                                "characters (openssl rand -hex 32)")
+    if auth.enabled and not given:
         raise C.ConfigError(f"auth.enabled but no API key in ${auth.keys_env}"
                             + (f" or {auth.keys_file}" if auth.keys_file else ""))
-    return keys
+    return [hashlib.sha256(k.encode()).digest() for _, k in given]
 
 
 def check_api_key(request: Request, keys: list[bytes]) -> None:

@@ -36,7 +36,8 @@ class Detector:
 
         self.cfg = C.from_dict(C.ServeConfig, cfg)
         d = self.cfg.detector
-        self.scorer = Scorer(self.cfg, on_adapter_error=d.on_adapter_error)
+        # Every version runs a forward before it serves: Serve routes to a replica once __init__ returns.
+        self.scorer = Scorer(self.cfg, on_adapter_error=d.on_adapter_error, warm_up=True)
         self._score.set_max_batch_size(d.max_batch_size)
         self._score.set_batch_wait_timeout_s(d.batch_wait_timeout_s)
         self.replica = serve.get_replica_context().replica_id.unique_id

@@ -176,6 +176,7 @@ class AdapterInfo(BaseModel):
     method: Optional[str]
     created_at: Optional[str]
     code_version: Optional[str]
+    warmup_ms: Optional[float] = Field(description="its first forward, run before the replica reported ready")
 
 
 class ImagePolicyInfo(BaseModel):

@@ -20,7 +20,7 @@ from helpers import free_port, image_bytes, photo, serve_config
 
 ROOT = Path(__file__).resolve().parents[1]
 AIGD = Path(sys.executable).parent / "aigd"  # the installed entry point, as a user runs it
-KEY = "cli-test-key-0123456789"
+KEY = "cli-k3y-0123456789abcdef"
 
 
 def aigd(*args, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -108,3 +108,32 @@ def test_concurrent_scoring_never_mixes_adapters(scorer):
     assert not errors and len(seen) == 30 and all(locked for locked, _ in seen)
     assert {a for _, a in seen} == {scorer.members[a].peft_name for a in ("method1", "method2")}
     assert not any(p.requires_grad for p in scorer.model.parameters())  # inference-mode adapters
+
+
+def test_a_server_scorer_warms_every_version_up_and_drops_one_whose_first_forward_fails(tiny_model, adapters,
+                                                                                       monkeypatch):
+    """Scorer(warm_up=True) is what a Serve replica builds: each version runs a forward before it can
+    serve; one that fails there is unloaded, not left half loaded, and reported like a mismatch."""
+    import aigd.scorer as S
+    from aigd.errors import AdapterUnavailable
+
+    pair = {k: adapters[k] for k in ("method1", "method2")}
+    warm = Scorer(_cfg(tiny_model, pair), warm_up=True)
+    assert all(a["warmup_ms"] > 0 for a in warm.describe()["adapters"].values())
+    assert Scorer(_cfg(tiny_model, pair)).describe()["adapters"]["method1"]["warmup_ms"] is None  # batch jobs
+
+    real, calls = S.answer_logits, []
+
+    def second_forward_fails(model, batch):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory")
+        return real(model, batch)
+
+    monkeypatch.setattr(S, "answer_logits", second_forward_fails)
+    with pytest.raises(AdapterUnavailable, match="method2 .*first forward failed: CUDA out of memory"):
+        Scorer(_cfg(tiny_model, pair), warm_up=True)
+    calls.clear()
+    survivor = Scorer(_cfg(tiny_model, pair), warm_up=True, on_adapter_error="skip")
+    assert list(survivor.members) == ["method1"] and "method2" in survivor.unavailable
+    assert list(survivor.model.peft_config) == [survivor.members["method1"].peft_name]  # nothing left behind

@@ -26,7 +26,7 @@ from helpers import serve_config as _config
 pytestmark = pytest.mark.timeout(900)
 
 
-API_KEY = "test-key-0123456789"
+API_KEY = "k3y-0123456789abcdefXYZ"
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def server(ray_local, tiny_model, adapters, tmp_path_factory):
     from serve.app import build_app
 
     keys = tmp_path_factory.mktemp("secrets") / "api-keys"
-    keys.write_text(f"another-key\n{API_KEY}\n")
+    keys.write_text(f"another-k3y-9876543210fedcba\n{API_KEY}\n")
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     good = {k: adapters[k] for k in ("method1", "method2")}
@@ -386,10 +386,30 @@ def test_api_keys(server):
     wrong = _post(url, data, headers={"Authorization": "Bearer not-a-key"})
     assert wrong.status_code == 403 and wrong.json()["error"]["code"] == "forbidden"
     assert _post(url, data, headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
-    assert _post(url, data, headers={"X-API-Key": "another-key"}).status_code == 200
+    assert _post(url, data, headers={"X-API-Key": "another-k3y-9876543210fedcba"}).status_code == 200
     assert requests.get(f"{server}/locked/v1/models", timeout=30).status_code == 401
     assert requests.get(f"{server}/locked/healthz", timeout=30).status_code == 200  # probes stay open
     assert requests.get(f"{server}/locked/readyz", timeout=30).status_code == 200
+
+
+def test_a_router_refuses_to_start_with_a_short_or_placeholder_key(tmp_path, monkeypatch):
+    from aigd import config as C
+    from serve.auth import api_keys
+
+    keys = tmp_path / "api-keys"
+    auth = C.AuthConfig(enabled=True, keys_file=str(keys))
+    for bad in ("replace-me-with-a-long-random-key", "short-9f2c", "aaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+                "Your-API-Key-goes-here-0123"):
+        keys.write_text(f"{API_KEY}\n\n{bad}\n")
+        with pytest.raises(C.ConfigError, match=f"{keys} line 3") as e:
+            api_keys(auth)
+        assert bad not in str(e.value)  # the message names where the key is, never the key
+    monkeypatch.setenv("AIGD_API_KEYS", f"{API_KEY},changeme-changeme-changeme")
+    with pytest.raises(C.ConfigError, match="AIGD_API_KEYS entry 2"):
+        api_keys(C.AuthConfig(enabled=True))
+    keys.write_text(f"{API_KEY}\n")
+    monkeypatch.setenv("AIGD_API_KEYS", "9c1d0e6f3b2a4857a6e1f0c9d8b7a6e5")
+    assert len(api_keys(auth)) == 2
 
 
 # --------------------------------------------------------------------------- faults (keep last: kills a replica)

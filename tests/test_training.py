@@ -258,10 +258,99 @@ def test_collectives_get_cpu_tensors_and_gpu_runs_add_gloo_beside_nccl():
     """NCCL refuses CPU tensors; the loop's own collectives (validation gather, fed counts) use CPU
     tensors, so a GPU process group must carry gloo for them."""
     assert T.dist_backend(C.ScalingConfig(use_gpu=True)) == "cpu:gloo,cuda:nccl"
+    assert T.dist_backend(C.ScalingConfig(use_gpu=True, gpus_per_worker=2)) == "cpu:gloo,cuda:nccl"
     assert T.dist_backend(C.ScalingConfig(use_gpu=False)) == "gloo"
-    assert T.dist_backend(C.ScalingConfig(use_gpu=True, backend="gloo")) == "gloo"  # ranks sharing one GPU
+    # ranks sharing one GPU: NCCL refuses two ranks on one device
+    assert T.dist_backend(C.ScalingConfig(use_gpu=True, gpus_per_worker=0.5)) == "gloo"
+    assert T.dist_backend(C.ScalingConfig(use_gpu=True, backend="gloo")) == "gloo"
     with pytest.raises(C.ConfigError, match="not one of"):
         C.load(C.TrainJobConfig, None, ["scaling.backend=nccl"])
+
+
+def test_gpu_precision_is_one_rule_for_both_backends_with_loss_scaling_for_fp16():
+    """Autocast on CUDA whatever the backend (Unsloth's LoRA rewrite otherwise runs activations in
+    fp32); fp16 (GPUs without bf16) scales the loss; CPU runs fp32 with neither."""
+    import warnings
+
+    from aigd.model import autocast, needs_loss_scaling, precision
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    for dtype in ("bfloat16", "float16"):
+        cfg = ModelConfig(dtype=dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "CUDA is not available": the rule, not the kernel, is tested here
+            amp = autocast(cfg, cuda)
+        assert isinstance(amp, torch.autocast) and (amp.device, amp.fast_dtype) == ("cuda", getattr(torch, dtype))
+        assert needs_loss_scaling(cfg, cuda) == (dtype == "float16")
+        assert not needs_loss_scaling(cfg, cpu) and not isinstance(autocast(cfg, cpu), torch.autocast)
+    assert precision(ModelConfig(dtype="float16"), cuda) == "float16 autocast + loss scaling"
+    assert precision(ModelConfig(dtype="bfloat16"), cuda) == "bfloat16 autocast"
+    assert precision(ModelConfig(), cpu) == "float32"
+
+
+QWEN, UNSLOTH_4BIT = "Qwen/Qwen2.5-VL-7B-Instruct", "unsloth/Qwen2.5-VL-7B-Instruct-unsloth-bnb-4bit"
+# unsloth 2026.10.9's mapper.py entries for the 7B, as its build_mappers() derives them (keys lower-cased)
+UNSLOTH_TABLES = {"FLOAT_TO_INT_MAPPER": {QWEN.lower(): UNSLOTH_4BIT},
+                  "INT_TO_FLOAT_MAPPER": {UNSLOTH_4BIT.lower(): "unsloth/Qwen2.5-VL-7B-Instruct"},
+                  "MAP_TO_UNSLOTH_16bit": {QWEN.lower(): "unsloth/Qwen2.5-VL-7B-Instruct"}}
+
+
+def test_the_unsloth_backend_checks_the_repo_unsloth_loads_and_refuses_a_revision_it_would_drop(tmp_path,
+                                                                                                  monkeypatch):
+    from aigd import model as M
+    from aigd.errors import BackendUnavailable
+
+    assert M.unsloth_checkpoint(QWEN, True, UNSLOTH_TABLES) == UNSLOTH_4BIT
+    assert M.unsloth_checkpoint(UNSLOTH_4BIT, True, UNSLOTH_TABLES) == UNSLOTH_4BIT
+    assert M.unsloth_checkpoint(QWEN, False, UNSLOTH_TABLES) == "unsloth/Qwen2.5-VL-7B-Instruct"
+    assert M.unsloth_checkpoint(str(tmp_path), True, UNSLOTH_TABLES) == str(tmp_path)  # a folder loads as it is
+    monkeypatch.setattr(M, "unsloth_tables", lambda: UNSLOTH_TABLES)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    pinned = ModelConfig(name_or_path=QWEN, revision="a" * 40)
+    with pytest.raises(BackendUnavailable, match=f"model.revision={'a' * 40} cannot be honoured") as e:
+        M.check_available(pinned, "unsloth")
+    assert UNSLOTH_4BIT in str(e.value) and "--local-dir DIR" in str(e.value)
+    with pytest.raises(BackendUnavailable, match=f"hf download {UNSLOTH_4BIT}"):
+        M.check_available(ModelConfig(name_or_path=QWEN), "unsloth")
+    with pytest.raises(BackendUnavailable, match=f"hf download {QWEN} --revision"):
+        M.check_available(pinned, "hf")  # transformers honours revisions: only the cache is missing
+
+
+def _hub_snapshot(cache: Path, repo: str, folder: Path, commit: str) -> None:
+    """`folder` as snapshot `commit` of `repo` in a Hugging Face cache, as `hf download` leaves it."""
+    import shutil
+
+    root = cache / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(folder, root / "snapshots" / commit)
+    (root / "refs").mkdir(exist_ok=True)
+    (root / "refs" / "main").write_text(commit)
+
+
+@pytest.mark.slow  # loads a model twice
+def test_two_snapshots_of_one_repo_are_two_bases(tiny_model, tmp_path, monkeypatch):
+    """The tensor layout and config fingerprint cannot tell two snapshots apart; the commit read can."""
+    from aigd.errors import ManifestMismatch
+    from aigd.manifest import check_compatible, policy_dict
+    from aigd.model import base_info, load_base
+
+    old, new = "1" * 40, "2" * 40
+    for commit in (old, new):
+        _hub_snapshot(tmp_path, "acme/tiny-vl", tiny_model, commit)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    bases = {}
+    for commit in (old, new):
+        cfg = ModelConfig(name_or_path="acme/tiny-vl", revision=commit, load_in_4bit=False)
+        model, _, backend = load_base(cfg, torch.device("cpu"), training=False)
+        bases[commit] = base_info(model, cfg, backend)
+    assert bases[old]["commit"] == old and bases[new]["commit"] == new
+    assert bases[old]["layout"] == bases[new]["layout"] and bases[old]["fingerprint"] == bases[new]["fingerprint"]
+    policy = ImagePolicy()
+    manifest = {"base": bases[old], "image_policy": policy_dict(policy)}
+    check_compatible(manifest, bases[old], policy)
+    with pytest.raises(ManifestMismatch, match=f"snapshot differs \\(commit {old[:12]} vs {new[:12]}\\)"):
+        check_compatible(manifest, {**bases[new], "revision": old}, policy)  # even under the same revision name
 
 
 def _gather_worker(rank: int, world: int, port: int, out) -> None:
@@ -301,6 +390,8 @@ def test_validation_gather_over_a_real_process_group_with_uneven_shares():
 
 
 def test_sharded_validation_equals_the_unsharded_result(tiny_model, monkeypatch):
+    """However the rows are split between ranks, the gathered result is the one-rank result: rows
+    are ordered by their image id's key, not by which rank scored them."""
     import numpy as np
 
     model, proc, _ = load_for_training(ModelConfig(name_or_path=str(tiny_model), load_in_4bit=False,
@@ -309,12 +400,12 @@ def test_sharded_validation_equals_the_unsharded_result(tiny_model, monkeypatch)
     ids = label_token_ids(proc.tokenizer)
     policy = ImagePolicy(max_pixels=112 * 112)
     batches = []
-    for b in range(5):  # 5 batches of 3: rank 0 gets 3 of them, rank 1 gets 2
+    for b in range(5):
         rows = encode(proc, [rng.integers(0, 255, (112, 112, 3), dtype=np.uint8) for _ in range(3)], policy)
-        rows["label"] = [b % 2, 1, 0]
+        rows["label"], rows["img_id"] = [b % 2, 1, 0], [f"gen/{b}-{i}" for i in range(3)]
         batches.append(collate(rows, proc.tokenizer.pad_token_id, pixel_affine(proc)))
     amp = contextlib.nullcontext()
-    whole = V.validate(model, batches, ids, rank=0, world=1, amp=amp)
+    whole = V.validate(model, batches, ids, world=1, amp=amp)
     shares = []
 
     def keep_own_share(rows, world):  # what each rank contributes to the gather
@@ -322,12 +413,76 @@ def test_sharded_validation_equals_the_unsharded_result(tiny_model, monkeypatch)
         return [rows]
 
     monkeypatch.setattr(V, "gather_rows", keep_own_share)
-    for rank in (0, 1):
-        V.validate(model, batches, ids, rank=rank, world=2, amp=amp)
-    merged = V.merge_shares([shares[0], shares[1]])
+    V.validate(model, [batches[i] for i in (4, 0, 3)], ids, world=2, amp=amp)  # Ray Data's split keeps no order
+    V.validate(model, [batches[i] for i in (2, 1)], ids, world=2, amp=amp)
+    merged = V.merge_shares([shares[1], shares[0]])
     assert len(shares[0]) == 9 and len(shares[1]) == 6
     np.testing.assert_array_equal(merged[:, 1:3], whole["pair_logits"])
     np.testing.assert_array_equal(merged[:, 3], whole["labels"])
+    assert len(np.unique(whole["pair_logits"][:, 1])) == 15  # 15 different images, not one score repeated
+
+
+def test_validation_sets_are_split_without_dropping_rows_and_training_sets_equally(ray_local):
+    """Ray Train's own split (equal=True) drops rows to even out the ranks: fine for training, not for
+    validation, where every row must be scored exactly once, by one rank, at every evaluation."""
+    import threading
+
+    import ray
+    import ray.data
+
+    from aigd.ingest import ValidationSplit
+
+    train, val = ray.data.range(40, override_num_blocks=8), ray.data.range(23, override_num_blocks=7)
+    config = ValidationSplit(train=["train_0"], validation=["val"])
+    node = ray.get_runtime_context().get_node_id()
+    parts = config.configure({"train_0": train, "val": val}, world_size=3, worker_handles=None,
+                             worker_node_ids=[node] * 3)  # as Ray Train passes them: with locality hints
+
+    def epoch(name: str) -> list[list[int]]:
+        seen = [[] for _ in parts]
+
+        def consume(rank: int):  # the ranks of a split read at once, as the workers do
+            for batch in parts[rank][name].iter_batches(batch_size=4):
+                seen[rank].extend(batch["id"].tolist())
+
+        threads = [threading.Thread(target=consume, args=(r,), daemon=True) for r in range(3)]
+        [t.start() for t in threads]
+        [t.join(120) for t in threads]
+        assert not any(t.is_alive() for t in threads), f"{name}: a rank never finished its part"
+        return seen
+
+    for _ in range(2):  # one evaluation, then the next: each is a new pass over the same split
+        val_parts = epoch("val")
+        assert sorted(sum(val_parts, [])) == list(range(23))  # every row once, none dropped, none twice
+        assert all(val_parts), val_parts  # each rank scored a part
+    assert len({len(rows) for rows in epoch("train_0")}) == 1  # training: equal shares per rank
+
+
+@pytest.mark.slow  # a model and a process group of its own
+def test_ddp_broadcasts_only_the_lora_weights(tiny_model, monkeypatch):
+    """DDP's start-up sync sends rank 0's tensors to every rank: the frozen base (5-8 GB of 4-bit
+    weights on the 7B) must not be among them; every rank loads it from the same files."""
+    import torch.distributed as dist
+
+    from helpers import free_port
+
+    model, _, _ = load_for_training(ModelConfig(name_or_path=str(tiny_model), load_in_4bit=False,
+                                                gradient_checkpointing=False), LoraConfig(), torch.device("cpu"))
+    lora = {p.data_ptr() for p in model.parameters() if p.requires_grad}
+    sent = []
+    real = dist._broadcast_coalesced
+    monkeypatch.setattr(dist, "_broadcast_coalesced", lambda pg, tensors, *a: (sent.extend(tensors),
+                                                                              real(pg, tensors, *a))[1])
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        torch.nn.parallel.DistributedDataParallel(L.ddp_trainable_only(model))
+        only_lora, sent[:] = list(sent), []
+        del model._ddp_params_and_buffers_to_ignore
+        torch.nn.parallel.DistributedDataParallel(model)  # what plain DDP would send
+    finally:
+        dist.destroy_process_group()
+    assert only_lora and {t.data_ptr() for t in only_lora} == lora
+    assert len(sent) > 2 * len(only_lora) and lora < {t.data_ptr() for t in sent}
 
 
 def test_a_multi_node_run_refuses_storage_that_only_one_node_sees():

@@ -15,6 +15,7 @@ import torch
 from aigd.config import ImagePolicy
 from aigd.image_view import check_prepared
 from aigd.prompt import prompt_text
+from aigd.sampling import unit_hash
 
 
 @lru_cache(maxsize=8)
@@ -92,6 +93,8 @@ def collate(rows: dict, pad_id: int, affine: np.ndarray) -> dict:
     }
     if "label" in rows:
         batch["label"] = torch.tensor(np.asarray(rows["label"], dtype=np.int64))
+    if "img_id" in rows:  # validation orders gathered scores by it, whichever rank scored a row
+        batch["row_key"] = torch.from_numpy(unit_hash([str(i) for i in rows["img_id"]], "row-key"))
     return batch
 
 

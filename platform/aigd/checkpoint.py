@@ -4,7 +4,7 @@ torn one is recognisable, how a run resumes from it, and how the export reads th
 A checkpoint folder holds:
     trainable.safetensors   the LoRA (and other trainable) weights now
     best.safetensors        the best weights so far by val AUC (absent before the first evaluation)
-    training_state.pt       optimizer, scheduler and torch RNG (torch.load(weights_only=True): no pickles)
+    training_state.pt       optimizer, scheduler, fp16 loss scaler, torch RNG (torch.load(weights_only=True))
     rng.json                numpy's and Python's RNG states
     loop_state.json         the loop's counters (`aigd.loop.LoopState`)
     config.json, base.json  the job config and the base the weights were trained on
@@ -40,6 +40,7 @@ class Restored:
     best: dict[str, torch.Tensor] | None
     optimizer: dict
     scheduler: dict
+    scaler: dict  # torch.amp.GradScaler's state; {} when no fp16 scaling ran
     loop_state: dict
 
 
@@ -75,7 +76,7 @@ def _tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_file({n: t.contiguous() for n, t in tensors.items()}, str(path))
 
 
-def save(path: Path, *, trainable: dict, best: dict | None, optimizer, scheduler, loop_state: dict,
+def save(path: Path, *, trainable: dict, best: dict | None, optimizer, scheduler, scaler, loop_state: dict,
          config: dict, base: dict, val: dict | None, export: Callable[[str], None] | None = None,
          after_first_file: Callable[[], None] | None = None) -> None:
     """Write a checkpoint; `complete.json` last. `export(folder)` writes the final adapter;
@@ -87,8 +88,8 @@ def save(path: Path, *, trainable: dict, best: dict | None, optimizer, scheduler
     if best is not None:
         _tensors(path / "best.safetensors", best)
     torch_rng, other_rng = _rng_state()
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "torch_rng": torch_rng},
-               path / "training_state.pt")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "torch_rng": torch_rng}, path / "training_state.pt")
     (path / "rng.json").write_text(json.dumps(other_rng))
     (path / "loop_state.json").write_text(json.dumps(loop_state))
     (path / "config.json").write_text(json.dumps(config, indent=2))
@@ -120,7 +121,7 @@ def load(path: Path) -> Restored:
     blob = torch.load(path / "training_state.pt", weights_only=True)
     _set_rng_state(blob["torch_rng"], json.loads((path / "rng.json").read_text()))
     return Restored(load_file(str(path / "trainable.safetensors")), best, blob["optimizer"], blob["scheduler"],
-                    json.loads((path / "loop_state.json").read_text()))
+                    blob.get("scaler", {}), json.loads((path / "loop_state.json").read_text()))
 
 
 def read_final(path: Path) -> Final:

@@ -159,8 +159,8 @@ class ScalingConfig:
     cpus_per_worker: float = 4.0  # CPUs each worker reserves (on CPU also its torch thread count)
     gpus_per_worker: float = 1.0  # GPUs each worker reserves when use_gpu; below 1, ranks share a GPU
     # torch.distributed backend. auto: "cpu:gloo,cuda:nccl" on GPUs (the loop's own collectives use CPU
-    # tensors, which go through gloo), gloo on CPUs. gloo alone when several ranks share one GPU (NCCL refuses
-    # that). NCCL alone is not offered: it refuses CPU tensors.
+    # tensors, which go through gloo), gloo on CPUs and where ranks share a GPU (gpus_per_worker below 1: NCCL
+    # refuses two ranks on one device). NCCL alone is not offered: it refuses CPU tensors.
     backend: Literal["auto", "gloo", "cpu:gloo,cuda:nccl"] = "auto"
 
 

@@ -134,9 +134,15 @@ def check_compatible(manifest: dict, base: dict, policy: ImagePolicy, where: str
     if trained.get("quantization") != base.get("quantization") or trained.get("layout") != base.get("layout"):
         problems.append("weights are quantized or stored differently (layout "
                         f"{trained.get('layout')} vs {base.get('layout')})")
-    if _is_hub_id(trained.get("checkpoint")) and _is_hub_id(base.get("checkpoint")) and \
-            (trained.get("checkpoint"), trained.get("revision")) != (base.get("checkpoint"), base.get("revision")):
+    hub = _is_hub_id(trained.get("checkpoint")) and _is_hub_id(base.get("checkpoint"))
+    # hub ids ignore case (unsloth before 2026.10 lower-cased the names it mapped to)
+    if hub and trained["checkpoint"].lower() != base["checkpoint"].lower():
         problems.append("checkpoint differs")
+    elif trained.get("commit") and base.get("commit"):  # the snapshots really read (hub cache or its folders)
+        if trained["commit"] != base["commit"]:
+            problems.append(f"snapshot differs (commit {trained['commit'][:12]} vs {base['commit'][:12]})")
+    elif hub and trained.get("revision") != base.get("revision"):
+        problems.append("revision differs")
     if problems:
         problems.insert(0, f"trained on base {trained_name}, this base is {here_name}")
     want, got = policy_dict(policy), manifest.get("image_policy", {})

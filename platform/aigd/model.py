@@ -27,6 +27,9 @@ from aigd.manifest import base_fingerprint, weights_layout
 VISION_BLOCKS = r"(?:.*\.)?visual\.blocks\.\d+\."
 LANGUAGE_LAYERS = r"(?:.*\.)?language_model\.layers\.\d+\."
 PATCH_EMBED = r"(?:.*\.)?visual\.patch_embed\.proj"
+# PyPI's torch 2.14.1 is a CUDA 13 build that xformers' wheel cannot load
+GPU_INSTALL = ("install the gpu extra as deploy/Dockerfile does (torch from PyTorch's cu126 index first, then "
+               "pip install -e '.[gpu]')")
 
 
 def resolve_backend(cfg: ModelConfig) -> str:
@@ -38,7 +41,7 @@ def resolve_backend(cfg: ModelConfig) -> str:
         if not has_cuda:
             raise BackendUnavailable("backend 'unsloth' needs a CUDA GPU (Unsloth refuses vision models on CPU); use model.backend=hf")
         if not has_unsloth:
-            raise BackendUnavailable("backend 'unsloth' needs the unsloth package: pip install -e '.[gpu]'")
+            raise BackendUnavailable(f"backend 'unsloth' needs the unsloth package: {GPU_INSTALL}")
     return cfg.backend
 
 
@@ -74,8 +77,8 @@ def import_backend_first(cfg: ModelConfig) -> str:
     """Call at the top of a worker before anything imports transformers; returns the backend."""
     backend = resolve_backend(cfg)
     if backend == "unsloth":
-        # Read once at import: a per-rank folder unless the cluster names shared storage for it, so
-        # two ranks on one node never write the same generated module at once.
+        # unsloth_zoo reads it once, at import (relative to the working directory by default): a folder
+        # per rank, unless the cluster sets one, so two ranks on one node never write the same module.
         rank = os.environ.get("RANK", "0")
         os.environ.setdefault("UNSLOTH_COMPILE_LOCATION",
                               str(Path(tempfile.gettempdir()) / f"aigd-unsloth-cache-rank{rank}"))
@@ -83,20 +86,69 @@ def import_backend_first(cfg: ModelConfig) -> str:
     return backend
 
 
-def check_available(cfg: ModelConfig) -> str:
-    """The base's local folder or cached hub id; offline, a hub id must already be in the HF cache."""
+def check_available(cfg: ModelConfig, backend: str = "hf") -> str:
+    """The repo or folder the backend's loader will read the weights from (`loaded_repo`). Offline,
+    it and the processor's (cfg.name_or_path) must already be in the HF cache, or the error names
+    what to download."""
     path = cfg.name_or_path
     if cfg.build_tiny:
         # The dev fixture loads only when a config asks for it: production never imports aigd.dev.
         from aigd.dev.tiny_model import ensure_tiny_model
 
         ensure_tiny_model(path)
-    elif os.environ.get("HF_HUB_OFFLINE") == "1" and not Path(path).exists() and not _cached(path, cfg.revision):
+        return path
+    repo = loaded_repo(cfg, backend)
+    for name in dict.fromkeys([repo, path]):
+        if os.environ.get("HF_HUB_OFFLINE") == "1" and not Path(name).exists() and not _cached(name, cfg.revision):
+            raise BackendUnavailable(
+                f"model {name!r} (revision {cfg.revision or 'main'}) is neither a local folder nor in the Hugging "
+                f"Face cache and HF_HUB_OFFLINE=1: download it first (hf download {name}"
+                f"{' --revision ' + cfg.revision if cfg.revision else ''}), or into a folder (--local-dir DIR) on "
+                f"storage every node mounts and set model.name_or_path=DIR"
+                + (f"; the unsloth backend loads {repo}, its 4-bit copy of {path}, and the processor from {path}"
+                   if repo != path else ""))
+    return repo
+
+
+def loaded_repo(cfg: ModelConfig, backend: str) -> str:
+    """The repo the backend's loader reads for cfg.name_or_path; refuses a revision it would drop."""
+    path = cfg.name_or_path
+    repo = unsloth_checkpoint(path, cfg.load_in_4bit, unsloth_tables()) if backend == "unsloth" else path
+    if cfg.revision and repo != path:
         raise BackendUnavailable(
-            f"model {path!r} (revision {cfg.revision or 'main'}) is neither a local folder nor in the Hugging Face "
-            f"cache and HF_HUB_OFFLINE=1: download it first (huggingface-cli download {path} --local-dir DIR) and "
-            f"set model.name_or_path=DIR, on storage every node mounts")
-    return path
+            f"model.revision={cfg.revision} cannot be honoured: Unsloth loads {repo} instead of {path} and drops the "
+            f"revision. Download the snapshot you want into a folder (hf download {path} --revision "
+            f"{cfg.revision} --local-dir DIR) and set model.name_or_path=DIR, or unset model.revision, or use "
+            f"model.backend=hf")
+    return repo
+
+
+def unsloth_tables() -> dict:
+    """Unsloth's name tables (unsloth/models/mapper.py), read as data: importing the unsloth package
+    patches transformers, and mapper.py itself imports nothing."""
+    spec = importlib.util.find_spec("unsloth")
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    path = Path(spec.submodule_search_locations[0]) / "models" / "mapper.py"
+    mapper_spec = importlib.util.spec_from_file_location("aigd_unsloth_mapper", path)
+    module = importlib.util.module_from_spec(mapper_spec)
+    mapper_spec.loader.exec_module(module)
+    return {k: getattr(module, k, {}) for k in ("INT_TO_FLOAT_MAPPER", "FLOAT_TO_INT_MAPPER", "MAP_TO_UNSLOTH_16bit")}
+
+
+def unsloth_checkpoint(name: str, load_in_4bit: bool, tables: dict) -> str:
+    """The repo FastVisionModel.from_pretrained loads for `name` (unsloth 2026.10
+    loader_utils.__get_model_name, bitsandbytes branch): a 4-bit load of Qwen/Qwen2.5-VL-7B-Instruct
+    reads unsloth/Qwen2.5-VL-7B-Instruct-unsloth-bnb-4bit. A local folder is loaded as it is."""
+    low = str(name).lower()
+    if Path(name).exists():
+        return name
+    if not load_in_4bit:
+        return tables.get("INT_TO_FLOAT_MAPPER", {}).get(low) or tables.get("MAP_TO_UNSLOTH_16bit", {}).get(low) or name
+    if low.endswith("-bnb-4bit"):
+        return name
+    # Values keep their case since unsloth 2026.10 (a lower-cased id misses a case-sensitive HF cache)
+    return tables.get("FLOAT_TO_INT_MAPPER", {}).get(low, name)
 
 
 def _cached(repo_id: str, revision: str | None) -> bool:
@@ -117,27 +169,40 @@ def attn_implementation(cfg: ModelConfig, device: torch.device) -> str:
     return "flash_attention_2" if device.type == "cuda" and is_flash_attn_2_available() else "sdpa"
 
 
-def autocast(model_cfg: ModelConfig, device: torch.device, backend: str):
-    """bf16/fp16 autocast for the hf backend on CUDA: its 16-bit weights compute in half precision,
-    LoRA and the loss stay fp32. Unsloth manages precision itself; CPU runs fp32."""
+def autocast(model_cfg: ModelConfig, device: torch.device):
+    """bf16/fp16 autocast on CUDA, on both backends: the 16-bit (or 4-bit) base computes in half
+    precision while LoRA weights and the loss stay fp32. Without it, Unsloth's LoRA rewrite casts
+    activations to the LoRA weights' dtype (fp32) and every layer after the first ran in fp32.
+    CPU runs fp32."""
     dtype = resolve_dtype(model_cfg, device)
-    if backend == "hf" and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
         return torch.autocast("cuda", dtype=dtype)
     return contextlib.nullcontext()
 
 
-def precision(model_cfg: ModelConfig, device: torch.device, backend: str) -> str:
+def needs_loss_scaling(model_cfg: ModelConfig, device: torch.device) -> bool:
+    """fp16 autocast (GPUs without bf16: T4, V100) needs loss scaling, or small gradients underflow
+    to zero; bf16 and fp32 need none."""
+    return device.type == "cuda" and resolve_dtype(model_cfg, device) == torch.float16
+
+
+def grad_scaler(model_cfg: ModelConfig, device: torch.device) -> torch.amp.GradScaler:
+    """A pass-through unless `needs_loss_scaling`."""
+    return torch.amp.GradScaler(device.type, enabled=needs_loss_scaling(model_cfg, device))
+
+
+def precision(model_cfg: ModelConfig, device: torch.device) -> str:
     dtype = str(resolve_dtype(model_cfg, device)).removeprefix("torch.")
-    if backend == "hf" and device.type == "cuda" and dtype in ("bfloat16", "float16"):
-        return f"{dtype} autocast"
-    return f"{dtype} ({backend})"
+    if device.type == "cuda" and dtype in ("bfloat16", "float16"):
+        return f"{dtype} autocast" + (" + loss scaling" if dtype == "float16" else "")
+    return dtype
 
 
 def _quantization(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
     if not cfg.load_in_4bit or device.type != "cuda":
         return None
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise BackendUnavailable("model.load_in_4bit needs bitsandbytes: pip install -e '.[gpu]'")
+        raise BackendUnavailable(f"model.load_in_4bit needs bitsandbytes: {GPU_INSTALL}")
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -148,20 +213,23 @@ def _quantization(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
 def load_base(cfg: ModelConfig, device: torch.device, training: bool):
     """(model, processor, backend) with no adapters; the base weights frozen."""
     backend = import_backend_first(cfg)
-    path = check_available(cfg)
+    path = check_available(cfg, backend)
     dtype = resolve_dtype(cfg, device)
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(path, revision=cfg.revision)
+    # The processor of the configured name: Ray Data's preprocessing workers encode with the same one.
+    processor = AutoProcessor.from_pretrained(cfg.name_or_path, revision=cfg.revision)
     attn = attn_implementation(cfg, device)
     if backend == "unsloth":
         from unsloth import FastVisionModel
 
-        # A dict device map: Unsloth's own string map uses the global rank, wrong on multi-node runs.
+        # use_exact_model_name: Unsloth reads the repo checked above (its own mapping, resolved here), with
+        # the revision when it is the configured name. The device Ray Train gave this worker, as a dict map:
+        # Unsloth then places nothing itself.
         model, _ = FastVisionModel.from_pretrained(
             path, revision=cfg.revision, load_in_4bit=cfg.load_in_4bit, dtype=dtype, attn_implementation=attn,
             use_gradient_checkpointing="unsloth" if (training and cfg.gradient_checkpointing) else False,
-            device_map={"": device.index or 0})
+            device_map={"": device.index or 0}, use_exact_model_name=True)
     else:
         from transformers import AutoModelForImageTextToText
 
@@ -191,18 +259,21 @@ def base_info(model, cfg: ModelConfig, backend: str) -> dict:
             "bnb_4bit_compute_dtype", "llm_int8_skip_modules") if k in q}
     return {"name_or_path": cfg.name_or_path, "revision": cfg.revision,
             "checkpoint": getattr(model.config, "_name_or_path", None) or cfg.name_or_path,
+            # the snapshot really read (None for a plain folder): two snapshots of one repo are two bases
+            "commit": getattr(model.config, "_commit_hash", None),
             "backend": backend, "dtype": str(model.dtype).removeprefix("torch."), "quantization": quant,
             "fingerprint": base_fingerprint(model.config), "layout": weights_layout(model)}
 
 
-def add_lora(model, lora: LoraConfig, backend: str):
+def add_lora(model, lora: LoraConfig, backend: str, gradient_checkpointing: bool):
     target = lora_target_regex(lora)
     if backend == "unsloth":
         from unsloth import FastVisionModel
 
         return FastVisionModel.get_peft_model(
             model, target_modules=target, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-            bias="none", random_state=lora.seed, use_gradient_checkpointing="unsloth")
+            bias="none", random_state=lora.seed,
+            use_gradient_checkpointing="unsloth" if gradient_checkpointing else False)
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
     torch.manual_seed(lora.seed)
@@ -215,4 +286,4 @@ def load_for_training(cfg: ModelConfig, lora: LoraConfig, device: torch.device):
     """(model with LoRA, processor, base_info of the base it sits on)."""
     model, processor, backend = load_base(cfg, device, training=True)
     base = base_info(model, cfg, backend)
-    return add_lora(model, lora, backend), processor, base
+    return add_lora(model, lora, backend, cfg.gradient_checkpointing), processor, base

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from aigd.batching import model_batch
 from aigd.config import DecodeLimits, EnsembleConfig, ScoringConfig
@@ -29,7 +32,7 @@ from aigd import registry
 from aigd.errors import AdapterUnavailable, AigdError, ManifestMismatch, UnknownAdapter
 from aigd.manifest import check_compatible, policy_dict, policy_for, read_manifest
 from aigd.model import autocast, base_info, load_base
-from aigd.image_view import prepare
+from aigd.image_view import prepare, prepare_image
 from aigd.prompt import label_token_ids
 from aigd.forward import answer_logits, pair_logits
 
@@ -44,6 +47,7 @@ class Member:
     manifest: dict
     temperature: float
     rule: Rule  # threshold and uncertain band
+    warmup_ms: float | None = None  # its first forward, run before it could serve (Scorer(warm_up=True))
 
     @property
     def model_info(self) -> dict:
@@ -57,7 +61,10 @@ def default_device() -> torch.device:
 
 
 class Scorer:
-    def __init__(self, cfg: ScoringConfig, device: torch.device | None = None, on_adapter_error: str = "fail"):
+    def __init__(self, cfg: ScoringConfig, device: torch.device | None = None, on_adapter_error: str = "fail",
+                 warm_up: bool = False):
+        """warm_up: every version loaded (here, by `switch`, by `set_shadow`) runs one forward first
+        (`_warm_up`); what a server wants, not a batch job."""
         if not cfg.adapters:
             raise ValueError("no adapters configured")
         self.cfg = cfg
@@ -72,6 +79,7 @@ class Scorer:
         self.model = base
         self._lock = threading.Lock()
         self._loaded = 0  # versions ever loaded: each gets its own peft adapter name
+        self.warm_up = warm_up
         for name, path in cfg.adapters.items():
             try:
                 self.members[name] = self._load(name, path)
@@ -102,7 +110,28 @@ class Scorer:
         cal = manifest["calibration"]
         band = tuple(cal["uncertain_band"]) if cal.get("uncertain_band") else None
         threshold = self.cfg.thresholds.get(name, cal["threshold"])
-        return Member(name, version, peft_name, manifest, float(cal["temperature"]), Rule(float(threshold), band))
+        member = Member(name, version, peft_name, manifest, float(cal["temperature"]), Rule(float(threshold), band))
+        if self.warm_up:
+            try:
+                member = replace(member, warmup_ms=self._warm_up(member))
+            except Exception as e:  # out of memory, a kernel that does not compile: never half loaded
+                self._unload(member)
+                raise AdapterUnavailable(f"adapter {name} ({version}): its first forward failed: {e}") from e
+        return member
+
+    @torch.inference_mode()
+    def _warm_up(self, member: Member) -> float:
+        """One forward of an image of the policy's largest size with this version selected, before
+        it can serve: the first forward pays for kernel selection, compilation (Unsloth) and memory
+        growth, which would otherwise land on a user's request and could pass its deadline."""
+        side = math.isqrt(self.policy.max_pixels)
+        image = prepare_image(Image.new("RGB", (side, side), (128, 128, 128)), self.policy)
+        batch = model_batch(self.processor, [image], self.policy)
+        t0 = time.perf_counter()
+        with self._lock, autocast(self.cfg.model, self.device):
+            self.model.set_adapter(member.peft_name, inference_mode=True)  # every forward selects its own (`using`)
+            answer_logits(self.model, batch)
+        return round((time.perf_counter() - t0) * 1000, 1)
 
     def _unload(self, member: Member) -> None:
         with self._lock:
@@ -174,7 +203,7 @@ class Scorer:
         """The model with `member`'s version selected, for one forward pass under the scoring lock
         (`locked`: the caller holds it). A version switched out since it was picked is refused:
         an answer never mixes two versions."""
-        with contextlib.nullcontext() if locked else self._lock, autocast(self.cfg.model, self.device, self.backend):
+        with contextlib.nullcontext() if locked else self._lock, autocast(self.cfg.model, self.device):
             if not any(m is member for m in (*self.members.values(), *self.shadows.values())):
                 raise AdapterUnavailable(f"adapter {member.name}: version {member.version.version} was switched out "
                                          "during the request; retry")
@@ -235,8 +264,8 @@ class Scorer:
             "base": base,
             "device": str(self.device),
             "image_policy": policy_dict(self.policy),
-            "adapters": {n: {"temperature": m.temperature, **m.rule.as_dict(), **m.model_info}
-                         for n, m in members.items()},
+            "adapters": {n: {"temperature": m.temperature, **m.rule.as_dict(), **m.model_info,
+                             "warmup_ms": m.warmup_ms} for n, m in members.items()},
             "shadows": {n: m.version.version for n, m in shadows.items()},
             "unavailable": sorted(self.unavailable),
         }

@@ -60,7 +60,7 @@ def resolve_source(cfg: DataConfig) -> DataConfig:
         if not is_remote(cfg.path) and not Path(cfg.path).exists():
             raise DataError(f"data.path {cfg.path!r} does not exist (source {cfg.source})")
         return cfg
-    hint = (f"download it where the network allows: `huggingface-cli download {cfg.path} --repo-type dataset "
+    hint = (f"download it where the network allows: `hf download {cfg.path} --repo-type dataset "
             f"--local-dir DIR` (DIR on storage every node mounts, or an s3:// / gs:// copy), then set "
             f"data.source=sid_parquet data.path=DIR")
     if os.environ.get("HF_HUB_OFFLINE") == "1":

@@ -19,10 +19,11 @@ from aigd import checkpoint
 from aigd import config as C
 from aigd.data import (COUNTER_NAMESPACE, LIGHT_STAGE_CPUS, LIGHT_STAGE_TASKS, build_dataset, configure_execution,
                        skip_counter, skipped_counts)
+from aigd.ingest import VALIDATION_SETS, ValidationSplit
 from aigd.loop import train_loop_per_worker
 from aigd.manifest import new_manifest, read_manifest, write_adapter
 from aigd.metrics import fit_calibration
-from aigd.model import check_available, lora_target_regex
+from aigd.model import check_available, loaded_repo, lora_target_regex
 from aigd.registry import Version
 from aigd.sampling import SPLITS, Catalog, Subsample, balance, keep_sampled, stratified
 from aigd.sources import is_remote, resolve_source
@@ -125,10 +126,11 @@ def steps_per_epoch(cfg: C.TrainJobConfig, n_rows: int) -> int:
 
 
 def dist_backend(s: C.ScalingConfig) -> str:
-    """The loop's own collectives use CPU tensors; on GPUs they need gloo beside NCCL."""
+    """The loop's own collectives use CPU tensors; on GPUs they need gloo beside NCCL. Ranks that
+    share a GPU (gpus_per_worker < 1) get gloo alone: NCCL refuses two ranks on one device."""
     if s.backend != "auto":
         return s.backend
-    return "cpu:gloo,cuda:nccl" if s.use_gpu else "gloo"
+    return "cpu:gloo,cuda:nccl" if s.use_gpu and s.gpus_per_worker >= 1 else "gloo"
 
 
 def make_trainer(cfg: C.TrainJobConfig, plan: DataPlan, datasets: dict, hooks=()):
@@ -152,7 +154,8 @@ def make_trainer(cfg: C.TrainJobConfig, plan: DataPlan, datasets: dict, hooks=()
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             logging_config=ray.train.LoggingConfig(log_level=cfg.run.train_log_level)),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=[k for k in datasets if k.startswith("train_")]),
+        dataset_config=ValidationSplit(train=[k for k in datasets if k.startswith("train_")],
+                                       validation=[k for k in VALIDATION_SETS if k in datasets]),
     )
 
 
@@ -161,6 +164,8 @@ def prepare_run(cfg: C.TrainJobConfig) -> tuple[C.TrainJobConfig, DataPlan]:
     check_storage(cfg, len([n for n in ray.nodes() if n.get("Alive")]))
     if cfg.model.build_tiny:  # built once here, not by every worker at once
         check_available(cfg.model)
+    elif cfg.scaling.use_gpu and cfg.model.backend != "hf":  # before any GPU is held: a revision Unsloth drops
+        loaded_repo(cfg.model, "unsloth")
     cfg, plan = plan_data(cfg)
     skip_counter(counter_name(cfg))
     print(f"[{cfg.run.name}] data {cfg.data.source}:{cfg.data.path}")
@@ -193,7 +198,9 @@ def export_adapter(cfg: C.TrainJobConfig, method: str, result, counts: dict, ski
             training={"loss": cfg.optim.loss, "focal_alpha": cfg.optim.focal_alpha,
                       "focal_gamma": cfg.optim.focal_gamma, "lr": cfg.optim.lr, "scheduler": cfg.optim.scheduler,
                       "epochs": cfg.optim.epochs, "augment": C.to_dict(cfg.augment),
-                      "best_step": final.loop_state["best_step"], "global_step": final.loop_state["global_step"]},
+                      "best_step": final.loop_state["best_step"], "global_step": final.loop_state["global_step"],
+                      "process_group": final.loop_state.get("process_group"),
+                      "world_size": final.loop_state.get("world_size")},
             data={"source": cfg.data.source, "path": cfg.data.path, "class_counts": counts,
                   "skipped_unreadable": skipped,
                   "label_map": {str(k): v for k, v in cfg.data.label_map.items()}, "tampered": cfg.data.tampered,

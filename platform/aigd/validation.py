@@ -1,4 +1,6 @@
-"""Validation inside the training loop: sharded across ranks by batch, gathered back in order.
+"""Validation inside the training loop: every rank scores its own part of the set (Ray Data splits
+it, `aigd.train.ValidationSplit`), and the scores are gathered and ordered by each row's key, so
+the result does not depend on how the rows were split.
 
 Every tensor handed to torch.distributed here is a CPU tensor (gloo, also on GPU clusters, where
 the process group is "cpu:gloo,cuda:nccl"), and every rank ends with the same result, so decisions
@@ -20,16 +22,9 @@ def unwrap(model):
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def local_share(batches, rank: int, world: int):
-    """(batch index, batch) for this rank's batches: every world-th, starting at its rank. Every rank
-    must read the batches in the same order (a materialized dataset)."""
-    for i, batch in enumerate(batches):
-        if i % world == rank:
-            yield i, batch
-
-
 def merge_shares(shares: list[np.ndarray]) -> np.ndarray:
-    """Rows [order, z_real, z_fake, label] from every rank, back in the unsharded order."""
+    """Rows [row key, z_real, z_fake, label] from every rank, in row-key order: the same whatever
+    rank scored which row."""
     rows = np.concatenate([s for s in shares if len(s)]) if any(len(s) for s in shares) else np.zeros((0, 4))
     return rows[np.argsort(rows[:, 0], kind="stable")]
 
@@ -50,20 +45,17 @@ def gather_rows(rows: np.ndarray, world: int) -> list[np.ndarray]:
 
 
 @torch.no_grad()
-def validate(model, batches, label_ids, rank: int, world: int, amp, shard_batches: bool = True) -> dict:
-    """Pair logits and labels of a validation set sharded by batch across ranks and gathered, in
-    the unsharded order, plus metrics at 0.5; identical on every rank. shard_batches=False: each
-    rank scores every batch it is given (the streamed whole val split goes to rank 0 alone, since
-    an unmaterialized dataset has no order the ranks would agree on)."""
+def validate(model, batches, label_ids, world: int, amp) -> dict:
+    """Pair logits and labels of this rank's batches, gathered from every rank and ordered by row
+    key (`batch["row_key"]`, a hash of the image id), plus metrics at 0.5; identical on every rank."""
     inner = unwrap(model)  # DDP's forward would broadcast buffers, a collective the other ranks never join
     was_training = inner.training
     inner.eval()
     rows = []
-    for i, batch in (local_share(batches, rank, world) if shard_batches else enumerate(batches)):
+    for batch in batches:
         with amp:
             z = pair_logits(answer_logits(inner, batch), label_ids).float().cpu().numpy()
-        order = i * 1_000_000 + np.arange(len(z))
-        rows.append(np.column_stack([order, z, batch["label"].numpy()]))
+        rows.append(np.column_stack([batch["row_key"].numpy(), z, batch["label"].numpy()]))
     inner.train(was_training)
     merged = merge_shares(gather_rows(np.concatenate(rows) if rows else np.zeros((0, 4)), world))
     z, y = merged[:, 1:3], merged[:, 3].astype(np.int64)

@@ -221,8 +221,9 @@ def stage_score(model_path: str, cpu: bool) -> dict:
     from aigd.config import EnsembleConfig, ModelConfig, ScoringConfig
     from aigd.manifest import read_manifest
 
-    adapters = {m: str(home() / "adapters" / m) for m in ("method1", "method2")}
-    base = read_manifest(adapters["method2"])["base"]
+    # both adapters after a whole run; the ones trained when stages were left out (--stages)
+    adapters = {m: str(home() / "adapters" / m) for m in ("method1", "method2") if (home() / "adapters" / m).exists()}
+    base = read_manifest(next(iter(adapters.values())))["base"]
     from aigd.scorer import Scorer
 
     # backend auto, as configs/serve_7b.yaml: the same loader as training, or a refusal naming both bases

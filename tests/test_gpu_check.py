@@ -14,16 +14,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_gpu_check_cpu_smoke_passes_every_stage(tmp_path):
+    """Every stage but train_method2: its two workers, injected failure and restart through the same
+    recipe are tests/test_training.py's (2 minutes of CI saved); the stage's code is train_method1's."""
     env = {**os.environ, "AIGD_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, str(ROOT / "bench/gpu_check.py"), "--cpu-smoke", "--json"], env=env,
-                         capture_output=True, text=True, timeout=900)
+    out = subprocess.run([sys.executable, str(ROOT / "bench/gpu_check.py"), "--cpu-smoke", "--json", "--stages",
+                          "backend_hf", "train_method1", "score"], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     stages = result["stages"]
-    assert set(stages) == {"prepare", "backend_hf", "train_method2", "train_method1", "score"}
+    assert set(stages) == {"prepare", "backend_hf", "train_method1", "score"}
     assert all(s["ok"] for s in stages.values()), stages
-    assert stages["train_method2"]["workers"] == 2 and stages["train_method2"]["global_step"] == 4
-    assert stages["train_method2"]["process_group"] == stages["train_method1"]["process_group"] == "gloo"  # CPU
+    assert stages["train_method1"]["global_step"] == 2 and stages["train_method1"]["val_n"] > 0
+    assert stages["train_method1"]["process_group"] == "gloo"  # as the rank reported it: CPU
     assert stages["backend_hf"]["activation_dtypes"] == ["float32"]  # the hook saw the forward
     assert stages["score"]["trained_on"] == stages["score"]["served_on"]
     assert all(ms > 0 for ms in stages["score"]["warmup_ms"].values())

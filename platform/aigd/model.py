@@ -171,9 +171,9 @@ def attn_implementation(cfg: ModelConfig, device: torch.device) -> str:
 
 def autocast(model_cfg: ModelConfig, device: torch.device):
     """bf16/fp16 autocast on CUDA, on both backends: the 16-bit (or 4-bit) base computes in half
-    precision while LoRA weights and the loss stay fp32. Without it, Unsloth's LoRA rewrite casts
-    activations to the LoRA weights' dtype (fp32) and every layer after the first ran in fp32.
-    CPU runs fp32."""
+    precision while LoRA weights and the loss stay fp32. Unsloth's own trainers run under the same
+    autocast (the HF Trainer's, through accelerate; its rewritten LoRA forwards step aside under it);
+    this loop is not a Trainer, so it applies it itself. CPU runs fp32."""
     dtype = resolve_dtype(model_cfg, device)
     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
         return torch.autocast("cuda", dtype=dtype)

@@ -1,5 +1,5 @@
 """Validation inside the training loop: every rank scores its own part of the set (Ray Data splits
-it, `aigd.train.ValidationSplit`), and the scores are gathered and ordered by each row's key, so
+it, `aigd.ingest.ValidationSplit`), and the scores are gathered and ordered by each row's key, so
 the result does not depend on how the rows were split.
 
 Every tensor handed to torch.distributed here is a CPU tensor (gloo, also on GPU clusters, where

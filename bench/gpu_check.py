@@ -25,6 +25,7 @@ The last line with --json is one JSON object: per stage ok/error, seconds and fi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -85,7 +86,7 @@ def mapped_load(cfg) -> dict:
 
     repo = loaded_repo(cfg, "unsloth")
     try:
-        check_available(type(cfg)(**{**cfg.__dict__, "revision": "0" * 40}), "unsloth")
+        check_available(dataclasses.replace(cfg, revision="0" * 40), "unsloth")
         refused = None
     except BackendUnavailable as e:
         refused = str(e)[:120]

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "jobs")]
+sys.path[:0] = [str(REPO), str(REPO / "jobs"), str(REPO / "bench")]
 ROWS = ("clean", "jpeg_q75", "jpeg_q50", "jpeg_q30", "downscale_0.5", "center_crop_0.5", "equalized")
 MEMBERS = ("method1", "method2", "ensemble")
 BEGIN, END = "<!-- experiment:begin -->", "<!-- experiment:end -->"
@@ -59,56 +59,6 @@ def evaluate(seed: int, adapters: dict[str, Path], tag: str = "", overrides: tup
     job.main(["--config", str(REPO / "configs/eval_demo.yaml"), f"out_dir={out}",
               *(f"adapters.{k}={v}" for k, v in adapters.items()), *overrides])
     return json.loads((out / "metrics.json").read_text())
-
-
-def plain_loop_samples_per_s(steps: int = 40) -> float:
-    """The same model, LoRA and batch size as the demo jobs, in one process on every core, on batches
-    prepared beforehand: what the framework's throughput is measured against."""
-    import torch
-
-    from aigd import config as C
-    from aigd.batching import collate, encode, pixel_affine
-    from aigd.config import DecodeLimits
-    from aigd.sampling import Catalog
-    from aigd.loop import make_optimizer
-    from aigd.losses import loss_fn
-    from aigd.model import load_for_training
-    from aigd.image_view import prepare
-    from aigd.prompt import label_token_ids
-    from aigd.sources import parquet_files
-    import pyarrow.parquet as pq
-
-    torch.set_num_threads(os.cpu_count())
-    cfg = C.load(C.TrainJobConfig, REPO / "configs/demo_method1.yaml", base=__import__("train_method1").PRESET)
-    model, proc, _ = load_for_training(cfg.model, cfg.lora, torch.device("cpu"))
-    fs, files = parquet_files(cfg.data.path)
-    table = Catalog.of(cfg.data, pq.ParquetDataset(files, filesystem=fs).read()).select("train")
-    images, labels = [], []
-    for r in table.slice(0, 8 * cfg.optim.batch_size).to_pylist():
-        try:
-            images.append(prepare(r["image"]["bytes"], DecodeLimits.preset("training"), cfg.image))
-            labels.append(r["label"])
-        except Exception:
-            continue
-    b = cfg.optim.batch_size * cfg.scaling.num_workers  # one optimizer step of the job, in one process
-    batches = []
-    for i in range(0, len(images) - b + 1, b):
-        rows = encode(proc, images[i:i + b], cfg.image)
-        rows["label"] = labels[i:i + b]
-        batches.append(collate(rows, proc.tokenizer.pad_token_id, pixel_affine(proc)))
-    opt, _ = make_optimizer(model, cfg.optim, steps)
-    ids, loss_of = label_token_ids(proc.tokenizer), loss_fn(cfg.optim)
-    from aigd.forward import answer_logits
-
-    model.train()
-    t0, n = time.perf_counter(), 0
-    for s in range(steps):
-        batch = batches[s % len(batches)]
-        loss_of(answer_logits(model, batch), batch["label"], ids).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        n += len(batch["label"])
-    return n / (time.perf_counter() - t0)
 
 
 def summarise(per_seed: list[dict]) -> dict:
@@ -193,6 +143,8 @@ def main(argv=None) -> dict:
             jobs.append({"seed": seed, "method": method, **info})
         per_seed.append(evaluate(seed, adapters))
     ray.shutdown()
+    from peers import plain_loop_samples_per_s
+
     plain = plain_loop_samples_per_s()
     summary = summarise(per_seed)
     md = table(summary, per_seed, args.seeds)

@@ -219,7 +219,7 @@ def scoring_figures(images: list[bytes], repeats: int) -> dict:
     cfg = C.from_dict(C.ServeConfig, demo_args())
     det = Scorer(C.replace(cfg, adapters={"method1": cfg.adapters["method1"]}))
     img = det.prepare(images[0], cfg.limits)
-    det.model.set_adapter("method1")
+    det.model.set_adapter(det.member("method1").peft_name)
     batch = model_batch(det.processor, [img], det.policy)
     inputs = {k: v for k, v in batch.items() if k not in ("pixel_affine",)}
     inputs["pixel_values"] = normalize_pixels(batch["pixel_values"], batch["pixel_affine"])

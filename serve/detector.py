@@ -17,6 +17,7 @@ from ray import serve
 
 from aigd import config as C
 from aigd.errors import AdapterUnavailable, AigdError, Overloaded, error_body
+from serve.batcher import Batcher
 
 log = logging.getLogger("ray.serve")
 
@@ -27,7 +28,7 @@ UNHEALTHY_AFTER = 3  # consecutive batches where every adapter failed
 
 @serve.deployment
 class Detector:
-    """Base model + every adapter in one replica; requests are batched, one forward per adapter."""
+    """Base model + every adapter in one replica; requests are batched (serve.batcher), one forward per adapter."""
 
     def __init__(self, cfg: dict):
         from ray.serve.metrics import Histogram
@@ -38,8 +39,7 @@ class Detector:
         d = self.cfg.detector
         # Every version runs a forward before it serves: Serve routes to a replica once __init__ returns.
         self.scorer = Scorer(self.cfg, on_adapter_error=d.on_adapter_error, warm_up=True)
-        self._score.set_max_batch_size(d.max_batch_size)
-        self._score.set_batch_wait_timeout_s(d.batch_wait_timeout_s)
+        self.batcher = Batcher(self._score, d.max_batch_size, d.batch_wait_timeout_s)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.failed_batches = 0
         self.batch_sizes = Histogram("aigd_batch_size", description="images per model batch",
@@ -86,11 +86,10 @@ class Detector:
 
     async def score(self, image: np.ndarray, adapters: tuple[str, ...]) -> dict:
         t0 = time.perf_counter()
-        members, batch_size = await self._score((image, tuple(adapters)))
+        members, batch_size = await self.batcher.submit((image, tuple(adapters)))
         return {"members": members, "replica": self.replica, "batch_size": batch_size,
                 "score_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
-    @serve.batch
     async def _score(self, items: list[tuple[np.ndarray, tuple[str, ...]]]) -> list:
         self.batch_sizes.observe(len(items))
         # A worker thread, so health checks and /v1/models stay answered during a forward pass.

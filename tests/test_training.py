@@ -499,3 +499,60 @@ def test_a_multi_node_run_refuses_storage_that_only_one_node_sees():
     T.check_storage(remote, n_nodes=4)
     T.check_storage(C.load(C.TrainJobConfig, None, ["run.storage_path=/nfs/runs", "data.path=/nfs/sid",
                                                     "run.shared_storage=true"]), n_nodes=4)
+
+
+def test_a_job_whose_workers_hold_every_cpu_is_refused_before_it_waits_forever():
+    """Ray Data preprocesses and samples beside the workers: 1 worker x 2 CPUs on a 2-CPU node used to
+    hang at the first batch ("Cluster resources are not enough"); now it is a clear error at start."""
+    cfg = C.from_dict(C.TrainJobConfig, {"model": {"name_or_path": "x"}, "data": {"path": "x", "preprocess_cpus": 0.5}})
+
+    def scaled(workers, cpus):
+        return C.replace(cfg, scaling=C.replace(cfg.scaling, num_workers=workers, cpus_per_worker=cpus))
+
+    with pytest.raises(C.ConfigError, match=r"hold 2 of this cluster's 2 CPUs.*1\.5 CPUs each would fit"):
+        T.check_cpus(scaled(1, 2.0), 2.0)
+    with pytest.raises(C.ConfigError, match="Ray Data needs 0.5"):
+        T.check_cpus(scaled(2, 0.8), 2.0)
+    T.check_cpus(scaled(1, 1.5), 2.0)  # half a CPU left: fits
+    T.check_cpus(scaled(2, 0.5), 2.0)  # the demo
+    T.check_cpus(scaled(4, 1.0), 2.0)  # the workers do not fit yet: the autoscaler's (and Ray Train's) business
+    # ...and a worker's threads are its share rounded up, so 1.5 CPUs still run 2 threads.
+    assert [L.cpu_threads(scaled(1, c).scaling) for c in (0.5, 1.0, 1.5, 2.0)] == [1, 1, 2, 2]
+
+
+def test_the_loop_counts_the_time_it_waits_for_batches():
+    import time
+
+    def slow():
+        for i in range(3):
+            time.sleep(0.05)
+            yield i
+
+    progress = L.Progress(total_steps=3, every=1)
+    assert list(progress.waited(slow())) == [0, 1, 2]
+    assert 0.14 < progress.data_wait < 1.0
+    busy = L.Progress(total_steps=3, every=1)
+    assert list(busy.waited(range(3))) == [0, 1, 2] and busy.data_wait < 0.01
+
+
+def test_cached_epochs_are_drawn_ahead_when_they_fit_and_hold_the_same_rows_either_way(ray_local):
+    """Drawing each epoch's sample while it streams cost the demo ~45 % of its training throughput; drawn
+    ahead (materialized) they must be the very rows the streamed draw gives, and a store too small for
+    them all keeps the streamed draw."""
+    import ray
+    from ray.data.dataset import MaterializedDataset
+
+    from aigd.sampling import Subsample
+
+    every = ray.data.from_items([{"img_id": f"r{i}", "label": i % 2} for i in range(200)]).materialize()
+    balance = [Subsample(f"s/{e}/balance", (0.5, 0.3)) for e in range(3)]
+    ahead = T.cached_epochs(every, balance, kept=0.4)
+    streamed = T.cached_epochs(every, balance, kept=0.4, store_share=0.0)
+    for e in range(3):
+        assert isinstance(ahead[f"train_{e}"], MaterializedDataset)
+        assert not isinstance(streamed[f"train_{e}"], MaterializedDataset)
+        rows = sorted(r["img_id"] for r in ahead[f"train_{e}"].iter_rows())
+        assert rows == sorted(r["img_id"] for r in streamed[f"train_{e}"].iter_rows())
+        assert 40 < len(rows) < 120
+    assert len({tuple(sorted(r["img_id"] for r in ahead[f"train_{e}"].iter_rows())) for e in range(3)}) == 3
+    assert T.cached_epochs(every, [None], kept=1.0)["train_0"] is every  # unbalanced: the cache itself

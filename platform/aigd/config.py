@@ -156,7 +156,7 @@ class OptimConfig:
 class ScalingConfig:
     num_workers: int = 1  # Ray Train workers (data-parallel ranks), each with its own copy of the model
     use_gpu: bool = True  # workers train on CUDA, each holding gpus_per_worker GPUs; false: on CPU
-    cpus_per_worker: float = 4.0  # CPUs each worker reserves (on CPU also its torch thread count)
+    cpus_per_worker: float = 4.0  # CPUs each worker reserves (on CPU also its torch threads, rounded up)
     gpus_per_worker: float = 1.0  # GPUs each worker reserves when use_gpu; below 1, ranks share a GPU
     # torch.distributed backend. auto: "cpu:gloo,cuda:nccl" on GPUs (the loop's own collectives use CPU
     # tensors, which go through gloo), gloo on CPUs and where ranks share a GPU (gpus_per_worker below 1: NCCL
@@ -212,7 +212,9 @@ class DetectorDeploymentConfig:
     num_cpus: float = 1.0  # CPUs each model replica reserves
     num_gpus: float = 0.0  # GPUs each model replica reserves; 0: the model runs on CPU
     max_batch_size: int = 8  # images per forward; 1 turns batching off
-    batch_wait_timeout_s: float = 0.01  # seconds a batch waits to fill up to max_batch_size before it runs
+    # seconds an idle model waits for more requests to join the first (serve.batcher); under load a batch
+    # is everything that queued during the forward before, up to max_batch_size, with no wait
+    batch_wait_timeout_s: float = 0.01
     max_ongoing_requests: int = 16  # Serve's cap on requests in flight on one model replica
     max_queued_requests: int = 64  # requests queued for the model replicas; past it, 503 + Retry-After at once
     # An adapter that fails to load: fail, the replica does not start; skip, it starts without it (see /readyz).

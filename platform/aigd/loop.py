@@ -66,6 +66,12 @@ class TrainerHook:
         """Rank 0, with the first file of a checkpoint written and the rest not."""
 
 
+def cpu_threads(s: C.ScalingConfig) -> int:
+    """A CPU worker's torch threads: its CPU share rounded up (1.5 CPUs run 2 threads and leave half a
+    CPU to Ray Data on a 2-CPU node)."""
+    return max(1, math.ceil(s.cpus_per_worker - 1e-9))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -118,6 +124,18 @@ class Progress:
     def __init__(self, total_steps: int, every: int):
         self.total, self.every, self.t0, self.samples, self.paused = total_steps, max(1, every), time.time(), 0, 0.0
         self.steps = 0
+        self.data_wait = 0.0  # seconds the loop waited for its next training batch
+
+    def waited(self, batches):
+        """The batches, timing each wait for the next one (the data pipeline not keeping up)."""
+        it = iter(batches)
+        while True:
+            t = time.perf_counter()
+            batch = next(it, None)
+            self.data_wait += time.perf_counter() - t
+            if batch is None:
+                return
+            yield batch
 
     @contextlib.contextmanager
     def pause(self):
@@ -166,7 +184,7 @@ class Trainer:
         self.backend = import_backend_first(cfg.model)  # Unsloth must patch transformers before it is imported
         self.device = ray.train.torch.get_device()
         if self.device.type == "cpu":
-            torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+            torch.set_num_threads(cpu_threads(cfg.scaling))
         seed_everything(o.seed)
         self.model, processor, self.base_info = load_for_training(cfg.model, cfg.lora, self.device)
         self.label_ids = label_token_ids(processor.tokenizer)
@@ -182,6 +200,7 @@ class Trainer:
         if self.world > 1:
             self.model = ray.train.torch.prepare_model(ddp_trainable_only(self.model), move_to_device=False)
         self.model.train()
+        self.split_ahead(self.state.epoch - 1)
         self.progress = Progress(self.total_steps, o.log_every)
         self.say(f"[{cfg.run.name}] {self.world} worker(s) on {self.device.type} ({self.state.process_group}), "
                  f"backend {self.backend}, precision "
@@ -211,14 +230,24 @@ class Trainer:
         return ray.train.get_dataset_shard(name).iter_torch_batches(batch_size=self.o.batch_size,
                                                                     collate_fn=self.to_batch, device="cpu")
 
+    def split_ahead(self, epoch: int) -> None:
+        """Have the datasets this run reads next split while this epoch trains. Ray Train splits a
+        dataset at its first get_dataset_shard, starting a split coordinator (an actor: a process to
+        start) that the first batch then waits for; on 2 CPUs that was 2-3 s of every epoch."""
+        later = [f"train_{epoch + 1}"] if epoch + 1 < self.o.epochs else ["val_full"]
+        for name in ["val", *later]:
+            ray.train.get_dataset_shard(name)
+
     def train_epoch(self) -> bool:
         """One epoch from where the state says it stands; True: the run is done (steps or early stop)."""
         s, o = self.state, self.o
         epoch, skip, fed, self.running = s.epoch, s.batches_done, torch.zeros(2), []
         stop = False
-        for i, batch in enumerate(self.shard(f"train_{epoch}")):
+        for i, batch in enumerate(self.progress.waited(self.shard(f"train_{epoch}"))):
             if i < skip:
                 continue  # consumed before the checkpoint we resumed from
+            if i == skip:
+                self.split_ahead(epoch)
             fed += torch.bincount(batch["label"], minlength=2).float()
             if not self.micro_batch(i, batch):
                 continue
@@ -285,7 +314,8 @@ class Trainer:
         s = self.state
         s.next_eval_at = s.samples + self.o.eval_every_samples
         metrics = {"loss": self.mean_loss(), "lr": self.sched.get_last_lr()[0], "epoch": epoch,
-                   "step": s.global_step, "train_samples_per_s": self.progress.samples_per_s()}
+                   "step": s.global_step, "train_samples_per_s": self.progress.samples_per_s(),
+                   "data_wait_s": round(self.progress.data_wait, 2)}
         self.running = []
         with self.progress.pause():
             val = validate(self.model, self.shard("val"), self.label_ids, self.world, self.amp)

@@ -65,6 +65,21 @@ def check_storage(cfg: C.TrainJobConfig, n_nodes: int) -> None:
             "the parquet shards; or, for a mount every node has (NFS, Lustre), add run.shared_storage=true")
 
 
+def check_cpus(cfg: C.TrainJobConfig, cluster_cpus: float) -> None:
+    """Ray Data preprocesses and samples beside the training workers: a job whose workers take every CPU
+    would wait forever for its first batch. A cluster the workers do not fit yet is left to the
+    autoscaler (and to Ray Train's own wait)."""
+    s = cfg.scaling
+    held = s.num_workers * s.cpus_per_worker
+    need = max(cfg.data.preprocess_cpus, LIGHT_STAGE_CPUS)
+    if held <= cluster_cpus < held + need:
+        raise C.ConfigError(
+            f"scaling: {s.num_workers} worker(s) x {s.cpus_per_worker} CPUs hold {held:g} of this cluster's "
+            f"{cluster_cpus:g} CPUs, and Ray Data needs {need:g} beside them (data.preprocess_cpus) or the job waits "
+            f"forever for its first batch: lower scaling.cpus_per_worker (on CPU a worker runs its share rounded up "
+            f"in threads: {max(0.0, cluster_cpus - need) / s.num_workers:g} CPUs each would fit) or add CPUs")
+
+
 @dataclass
 class DataPlan:
     catalog: Catalog  # the source's metadata, read once, with class, filter and split per row
@@ -109,15 +124,27 @@ def make_datasets(cfg: C.TrainJobConfig, plan: DataPlan) -> dict:
 
     if cfg.data.cache_preprocessed:  # TrainJobConfig.validate: never with augmentation
         every = build("train", None, 0, None).materialize()  # decoded and encoded once
-        ds = {f"train_{e}": every.map_batches(keep_sampled, fn_kwargs=dict(sample=plan.balance[e]),
-                                              batch_format="numpy", num_cpus=LIGHT_STAGE_CPUS,
-                                              compute=ray.data.TaskPoolStrategy(size=LIGHT_STAGE_TASKS))
-              if plan.balance[e] is not None else every for e in range(cfg.optim.epochs)}
+        ds = cached_epochs(every, plan.balance, plan.train_rows / max(1, sum(plan.counts["train"])))
     else:
         ds = {f"train_{e}": build("train", cfg.augment, e, plan.balance[e]) for e in range(cfg.optim.epochs)}
     ds["val"] = build("val", None, 0, plan.val_subset).materialize()
     ds["val_full"] = build("val", None, 0, None) if plan.val_subset is not None else ds["val"]
     return ds
+
+
+def cached_epochs(every, balance: list, kept: float, store_share: float = 0.5) -> dict:
+    """Each epoch's balanced sample of the cached train split. Drawn here and kept when all of them fit
+    in `store_share` of the object store: drawn while the epoch streams, the sampling tasks and the
+    coordinator's executor beside the training workers cost the Method 1 demo ~45 % of its training
+    throughput on 2 CPUs (bench/peers.py --parts overhead). Larger runs draw each epoch as it streams."""
+    def draw(sample):
+        return every.map_batches(keep_sampled, fn_kwargs=dict(sample=sample), batch_format="numpy",
+                                 num_cpus=LIGHT_STAGE_CPUS, compute=ray.data.TaskPoolStrategy(size=LIGHT_STAGE_TASKS))
+
+    ahead = every.size_bytes() * kept * len(balance) <= store_share * ray.cluster_resources().get(
+        "object_store_memory", 0)
+    return {f"train_{e}": every if sample is None else draw(sample).materialize() if ahead else draw(sample)
+            for e, sample in enumerate(balance)}
 
 
 def steps_per_epoch(cfg: C.TrainJobConfig, n_rows: int) -> int:
@@ -162,6 +189,7 @@ def make_trainer(cfg: C.TrainJobConfig, plan: DataPlan, datasets: dict, hooks=()
 def prepare_run(cfg: C.TrainJobConfig) -> tuple[C.TrainJobConfig, DataPlan]:
     """Driver-side set-up: storage reachable from every node, base model present, data planned."""
     check_storage(cfg, len([n for n in ray.nodes() if n.get("Alive")]))
+    check_cpus(cfg, ray.cluster_resources().get("CPU", 0.0))
     if cfg.model.build_tiny:  # built once here, not by every worker at once
         check_available(cfg.model)
     elif cfg.scaling.use_gpu and cfg.model.backend != "hf":  # before any GPU is held: a revision Unsloth drops

@@ -33,6 +33,10 @@ EVAL_OVERRIDES = ["scorers=4"]  # one model copy per GPU worker
 # retries on a new cluster; the same run.name resumes from the checkpoints on the shared volume.
 BACKOFF_LIMIT = 2
 TTL_S = 120  # a finished job's cluster (4 GPU pods) lingers this long: enough to look, not to idle
+# The RayService's GCS state lives in Redis (GCS fault tolerance): the Service of kuberay/redis.yaml, or a
+# managed Redis's endpoint; its password from the Secret you create (redis.yaml says how).
+REDIS_ADDRESS = "aigd-redis:6379"
+REDIS_SECRET = {"name": "aigd-redis", "key": "password"}
 # What Unsloth loads for the base with load_in_4bit (its unsloth/models/mapper.py), so the cache needs it too.
 UNSLOTH_4BIT = {"Qwen/Qwen2.5-VL-7B-Instruct": "unsloth/Qwen2.5-VL-7B-Instruct-unsloth-bnb-4bit"}
 
@@ -78,6 +82,13 @@ def ray_cluster(workers: tuple[int, int, int], cpu: int, memory: str, serve: boo
     }
     if serve:
         spec["enableInTreeAutoscaling"] = True  # GPU pods follow the model replicas' autoscaling
+        # A head pod lost (GCS, node, eviction) no longer takes the app down: the worker pods' proxies and
+        # replicas keep answering, KubeRay starts a new head on the same Redis and the Serve controller
+        # comes back with its applications. KubeRay gives the worker pods 600 s to reconnect, and names the
+        # storage after the RayCluster, so a new cluster (an upgrade) never reads an old one's state.
+        # The RayJobs' clusters live for one job and retry on a new cluster instead (backoffLimit).
+        spec["gcsFaultToleranceOptions"] = {"redisAddress": REDIS_ADDRESS,
+                                            "redisPassword": {"valueFrom": {"secretKeyRef": REDIS_SECRET}}}
     return spec
 
 
@@ -146,8 +157,9 @@ def rayservice() -> tuple[str, dict]:
     header = ("# The detector app on GPU pods; written by deploy/render.py. serveConfigV2 IS configs/serve_7b.yaml\n"
               "# (comments dropped): the same ServeConfig args, adapters on /mnt/aigd/adapters, API keys from the\n"
               "# aigd-api-keys Secret at /mnt/secrets/aigd/api-keys, which you create once (storage.yaml says how;\n"
-              "# no key ships with this repository).\n"
-              "#   kubectl apply -f deploy/kuberay/rayservice.yaml\n"
+              "# no key ships with this repository). The head's state is in Redis (redis.yaml, applied first):\n"
+              "# the app keeps answering while a head pod is replaced.\n"
+              "#   kubectl apply -f deploy/kuberay/redis.yaml && kubectl apply -f deploy/kuberay/rayservice.yaml\n"
               "#   kubectl port-forward svc/aigd-serve-svc 8000:8000\n"
               "#   curl -H 'Authorization: Bearer KEY' -F image=@photo.jpg http://127.0.0.1:8000/v1/ensemble\n"
               "# Each adapter serves its newest registry version at first deploy. A new version (the RayJob\n"

@@ -38,7 +38,8 @@ def test_kuberay_manifests_are_exactly_what_render_writes_from_the_configs():
     rendered = _render()
     for path, text in rendered.items():
         assert path.read_text() == text, f"{path.name} is stale: run .venv/bin/python deploy/render.py"
-    assert {p.name for p in KUBERAY.glob("*.yaml")} == {p.name for p in rendered} | {"storage.yaml"}  # hand-written
+    hand_written = {"storage.yaml", "redis.yaml"}
+    assert {p.name for p in KUBERAY.glob("*.yaml")} == {p.name for p in rendered} | hand_written
 
 
 def _rayjob(name: str, monkeypatch) -> tuple[dict, list[str], list[Path]]:
@@ -325,3 +326,56 @@ def test_the_lock_pins_every_dependency_of_the_gpu_extra_within_pyproject_ranges
         if name in ("torch", "torchvision"):
             continue
         assert name in pins and req.specifier.contains(pins[name], prereleases=True), (spec, pins.get(name))
+
+
+def test_the_rayservice_keeps_its_head_state_in_the_redis_that_redis_yaml_runs():
+    """GCS fault tolerance as KubeRay >= 1.5 takes it: gcsFaultToleranceOptions naming redis.yaml's Service
+    and the Secret its Redis reads the password from; none of what KubeRay refuses beside it (validation.go:
+    the ft-enabled annotation, a redis-password start param, RAY_REDIS_ADDRESS or REDIS_PASSWORD set by
+    hand); a proxy on every node and no replica on the head, so that the worker pods answer without it."""
+    (svc,) = _docs(KUBERAY / "rayservice.yaml")
+    cluster = svc["spec"]["rayClusterConfig"]
+    ft = cluster["gcsFaultToleranceOptions"]
+    redis = {d["kind"]: d for d in _docs(KUBERAY / "redis.yaml")}
+    service = redis["Service"]
+    assert ft["redisAddress"] == f"{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+    (container,) = redis["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert service["spec"]["selector"] == redis["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    env = {e["name"]: e for e in container["env"]}
+    args = container["args"]
+    # Kubernetes substitutes $(VAR) in args only for a variable the container declares
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    assert env["REDIS_PASSWORD"]["valueFrom"] == ft["redisPassword"]["valueFrom"]
+    # a restarted Redis keeps the cluster: append-only file on the claimed volume
+    assert args[args.index("--appendonly") + 1] == "yes"
+    (mount,) = container["volumeMounts"]
+    assert args[args.index("--dir") + 1] == mount["mountPath"]
+    (volume,) = redis["Deployment"]["spec"]["template"]["spec"]["volumes"]
+    assert volume["persistentVolumeClaim"]["claimName"] == redis["PersistentVolumeClaim"]["metadata"]["name"]
+    secret = ft["redisPassword"]["valueFrom"]["secretKeyRef"]
+    assert (f"kubectl create secret generic {secret['name']} --from-literal={secret['key']}="
+            in (KUBERAY / "redis.yaml").read_text())
+    head = cluster["headGroupSpec"]
+    assert "redis-password" not in head["rayStartParams"] and head["rayStartParams"]["num-cpus"] == "0"
+    assert "ray.io/ft-enabled" not in svc["metadata"].get("annotations", {})
+    for group in [head, *cluster["workerGroupSpecs"]]:
+        names = {e["name"] for e in group["template"]["spec"]["containers"][0]["env"]}
+        assert not names & {"RAY_REDIS_ADDRESS", "REDIS_PASSWORD", "RAY_external_storage_namespace"}
+    assert yaml.safe_load(svc["spec"]["serveConfigV2"])["proxy_location"] == "EveryNode"
+    # a RayJob's cluster lives for one job: it retries on a new cluster instead
+    for path in KUBERAY.glob("rayjob-*.yaml"):
+        (job,) = _docs(path)
+        assert "gcsFaultToleranceOptions" not in job["spec"]["rayClusterSpec"], path.name
+
+
+def test_the_vm_head_starts_on_redis_with_the_password_from_the_shared_volume_and_workers_wait_for_it():
+    raw = yaml.safe_load((ROOT / "deploy" / "cluster-vm.yaml").read_text())
+    head, worker = " ".join(raw["head_start_ray_commands"]), " ".join(raw["worker_start_ray_commands"])
+    env = dict(re.findall(r"\b(RAY_[A-Za-z_]+)=(\S+)", head))
+    host, port = env["RAY_REDIS_ADDRESS"].rsplit(":", 1)
+    assert host != raw["provider"]["head_ip"] and port.isdigit()  # Redis must outlive the head
+    assert env["RAY_external_storage_namespace"]  # the restarted head reads the same keys
+    assert '--redis-password="$(cat /mnt/aigd/secrets/redis-password)"' in head
+    assert "RAY_REDIS_ADDRESS" not in worker and "redis-password" not in worker
+    (timeout,) = re.findall(r"RAY_gcs_rpc_server_reconnect_timeout_s=(\d+)", worker)
+    assert int(timeout) >= 600

@@ -142,21 +142,31 @@ def gcs_fault(cluster: LocalCluster, opts, base: dict) -> tuple[dict, dict]:
     time.sleep(opts.observe_s)
     # A changed config must reach the new controller and become replicas: a third Router.
     cluster.deploy(serve_args(base, routers=3))
-    facts["redeploy_s"] = wait_for(lambda: cluster.app_running(3, 2), opts.ready_timeout_s, "a third Router")
+    try:
+        facts["redeploy_s"] = wait_for(lambda: cluster.app_running(3, 2), opts.ready_timeout_s, "a third Router")
+    except RuntimeError as e:
+        facts.update(redeploy_s=None, error=str(e))
     end = time.monotonic()
     return facts, {"while_down": (t0, restart), "after_return": (restart, end), "overall": (t0, end)}
 
 
 def probe_while(cluster: LocalCluster, node: str, until: float) -> dict:
     """Until `until`, once a second: does `node`'s proxy pass its health check (a RayService's readiness
-    probe on worker pods) and its raylet (their liveness probe)? Answers OK / asked."""
-    asked, proxy_ok, raylet_ok = 0, 0, 0
+    probe on worker pods) and its raylet (their liveness probe)? Per probe: answers OK, and the longest
+    run of failures in a row (a Kubernetes probe acts on a run of failures, not on one)."""
+    urls = {"proxy_healthz": f"{cluster.url(node)}/-/healthz",
+            "raylet_healthz": f"http://{NODE_IPS[node]}:{cluster.agent_ports[node]}/api/local_raylet_healthz"}
+    out = {"asked": 0, **{f"{k}_ok": 0 for k in urls}, **{f"{k}_failed_in_a_row": 0 for k in urls}}
+    run = dict.fromkeys(urls, 0)
     while time.monotonic() < until:
-        asked += 1
-        proxy_ok += ok_get(f"{cluster.url(node)}/-/healthz")
-        raylet_ok += ok_get(f"http://{NODE_IPS[node]}:{cluster.agent_ports[node]}/api/local_raylet_healthz")
+        out["asked"] += 1
+        for key, url in urls.items():
+            ok = ok_get(url)
+            out[f"{key}_ok"] += ok
+            run[key] = 0 if ok else run[key] + 1
+            out[f"{key}_failed_in_a_row"] = max(out[f"{key}_failed_in_a_row"], run[key])
         time.sleep(max(0.0, min(1.0, until - time.monotonic())))
-    return {"asked": asked, "proxy_healthz_ok": proxy_ok, "raylet_healthz_ok": raylet_ok}
+    return out
 
 
 def ok_get(url: str) -> bool:
@@ -220,8 +230,9 @@ def run_cluster(root: Path, base: dict, opts, redis: bool, faults: tuple[str, ..
         cluster.deploy(serve_args(base, routers=2))
         wait_for(lambda: cluster.app_running(2, 2), opts.ready_timeout_s, "the app RUNNING")
         out["start_s"] = round(time.monotonic() - t0, 1)
-        out["placement"] = {d: sorted("a" if r["node_id"] == cluster.node_id("a") else "b"
-                                      for r in cluster.replicas(d)) for d in ("Router", "Detector")}
+        names = {cluster.node_id(n): n for n in ("a", "b")}
+        out["placement"] = {d: sorted(names.get(r["node_id"], "head") for r in cluster.replicas(d))
+                            for d in ("Router", "Detector")}
         deadline = float(base.get("request", {}).get("timeout_s", 30.0))
         with Load(cluster.url("a") + "/v1/ensemble", images, opts.clients, deadline) as load:
             time.sleep(3)
@@ -239,10 +250,15 @@ def run_cluster(root: Path, base: dict, opts, redis: bool, faults: tuple[str, ..
                 else:
                     fn = {"router": router_fault, "controller": controller_fault, "node": node_fault}[fault]
                     out[fault], windows[fault] = fn(cluster, opts, routers)
-        # Every request has its answer now (or its client timeout): count each where it was sent.
-        for fault, spans in windows.items():
-            for name, (a, b) in spans.items():
-                stats = load.window(a, b)
+        # Every request has its answer now (or its client timeout): each counts for the fault during which
+        # it finished, a fault's window running on to the next fault's start (the last one's to the end),
+        # so that a request still in flight when a window closed is counted too.
+        order = list(windows)
+        for i, fault in enumerate(order):
+            closes = windows[fault]["overall"][1]
+            follows = windows[order[i + 1]]["overall"][0] if i + 1 < len(order) else float("inf")
+            for name, (a, b) in windows[fault].items():
+                stats = load.window(a, follows if b == closes else b)
                 out.setdefault(fault, {}).update(stats if name == "overall" else {name: stats})
         out["steady"]["rps"] = round(out["steady"]["requests"] / opts.observe_s, 1)
     finally:

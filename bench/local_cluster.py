@@ -111,8 +111,9 @@ class LocalCluster:
         binary = shutil.which("redis-server")
         if binary is None:
             raise SystemExit("redis-server not found: `apt-get install redis-server` (Debian's; .ci/run does it)")
-        self.redis_proc = subprocess.Popen([binary, *redis_args(self.password, self.redis_port, self.root)],
-                                           stdout=open(self.root / "redis.log", "ab"), stderr=subprocess.STDOUT)
+        with open(self.root / "redis.log", "ab") as out:
+            self.redis_proc = subprocess.Popen([binary, *redis_args(self.password, self.redis_port, self.root)],
+                                               stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             ping = subprocess.run(["redis-cli", "-p", str(self.redis_port), "--no-auth-warning", "-a", self.password,
@@ -132,8 +133,9 @@ class LocalCluster:
         common = ["--block", f"--node-ip-address={NODE_IPS[name]}", "--disable-usage-stats",
                   f"--dashboard-agent-listen-port={agent_port}", "--min-worker-port=0", "--max-worker-port=0",
                   f"--object-store-memory={256 * 1024**2}", *(f"--{k}={v}" for k, v in ports.items())]
-        proc = subprocess.Popen([RAY, "start", *common, *args], env=env, stdout=open(log, "ab"),
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        with open(log, "ab") as out:  # the child keeps its own copy of the handle
+            proc = subprocess.Popen([RAY, "start", *common, *args], env=env, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
         self.nodes[name] = Node(name, proc, log)
         self.agent_ports[name] = agent_port
         return self.nodes[name]
@@ -173,6 +175,7 @@ class LocalCluster:
                 return attempt
             except RuntimeError as e:
                 print(f"  head start {attempt} failed ({e}); starting it again", flush=True)
+                self._stop_node(self.nodes["head"])  # one that timed out may still hold the head's ports
         self.start_head()
         return attempts
 
@@ -208,19 +211,26 @@ class LocalCluster:
             os.kill(pid, signal.SIGKILL)
         self.nodes[node].proc.wait(timeout=60)
 
+    @staticmethod
+    def _stop_node(node: Node) -> None:
+        """SIGKILL a node's `ray start` and everything under it."""
+        try:
+            kids = psutil.Process(node.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            kids = []
+        for p in [*kids, node.proc]:
+            try:
+                p.kill()
+            except (psutil.Error, ProcessLookupError):
+                pass
+        try:
+            node.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+
     def stop(self) -> None:
         for node in self.nodes.values():
-            kids = []
-            try:
-                kids = psutil.Process(node.proc.pid).children(recursive=True)
-            except psutil.NoSuchProcess:
-                pass
-            for p in [*kids, node.proc]:
-                try:
-                    p.kill()
-                except (psutil.Error, ProcessLookupError):
-                    pass
-            node.proc.wait(timeout=30)
+            self._stop_node(node)
         # Workers whose raylet died before them re-parent to init: find them by the RAY_TMPDIR they inherited.
         for p in psutil.process_iter():
             try:
